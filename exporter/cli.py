@@ -1,0 +1,52 @@
+"""`effgen-export MODEL --out DIR`: export a model to a bundle."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from ..cli import fail_cleanly
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from ..models.configs import ALIASES, MODELS
+
+    names = ", ".join(sorted(MODELS))
+    p = argparse.ArgumentParser(
+        prog="effgen-export",
+        description="Export a model to an effgen bundle: ONNX graphs (opset 21, fixed shapes) "
+        "checked against PyTorch in ONNX Runtime, and a manifest with the sha256 of every file. "
+        f"`pixart` and `dit` are the shipped reference models ({ALIASES['pixart']}, "
+        f"{ALIASES['dit']}). Known models: {names}.")
+    p.add_argument("model", help="model name, e.g. pixart, dit, pixart-alpha-512, dit-xl-2-256")
+    p.add_argument("--out", type=Path, default=None, help="bundle directory (default build/MODEL)")
+    p.add_argument("--checkpoint", type=Path, default=None,
+                   help="local diffusers folder with transformer/ (and optionally vae/, "
+                   "scheduler/); without it the real architectures get random weights")
+    p.add_argument("--resolution", type=int, default=None, help="image resolution in pixels")
+    p.add_argument("--batch", type=int, default=2,
+                   help="fixed batch of the denoiser graph (2 = one image with guidance)")
+    return p
+
+
+@fail_cleanly
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    from .export import export_bundle
+
+    if args.batch < 1:
+        raise ValueError("--batch must be at least 1")
+    if args.checkpoint is not None and not args.checkpoint.is_dir():
+        raise FileNotFoundError(f"checkpoint folder {args.checkpoint} does not exist")
+    out = args.out or Path("build") / args.model
+    t0 = time.perf_counter()
+    export_bundle(args.model, out, checkpoint=args.checkpoint, resolution=args.resolution,
+                  batch=args.batch)
+    print(f"bundle written to {out} in {time.perf_counter() - t0:.1f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

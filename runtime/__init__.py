@@ -1,0 +1,45 @@
+"""effgen's runtime: generate images from a bundle without PyTorch or diffusers.
+
+    from effgen import runtime
+    images = runtime.generate("build/pixart", prompt="a large red circle at the top left on a grey background")
+
+Only numpy, ONNX Runtime (or TensorRT), tokenizers and Pillow are needed here; a test proves
+that this package imports with torch and diffusers unavailable.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from .bundle import Bundle, BundleError
+from .pipeline import DenoisePipeline
+
+__all__ = ["Bundle", "BundleError", "DenoisePipeline", "generate", "load_pipeline"]
+
+
+def load_pipeline(bundle: str | Path | Bundle, backend: str = "ort", threads: int = 0) -> DenoisePipeline:
+    """Load a bundle once and generate many times with `pipeline.generate(...)`."""
+    return DenoisePipeline(bundle, backend=backend, threads=threads)
+
+
+def generate(bundle: str | Path | Bundle, *, prompt=None, prompt_embeds=None, class_label=None,
+             negative_prompt: str = "", num_images: int = 1, seed: int = 0,
+             steps: int | None = None, guidance: float | None = None, backend: str = "ort",
+             threads: int = 0, on_step=None, output: str = "images") -> np.ndarray:
+    """Generate `num_images` images as uint8 (N, H, W, 3).
+
+    Text-conditioned bundles take `prompt` (str or one per image; needs the bundle's
+    text_encoder) or `prompt_embeds` (dict with 'prompt_embeds' and optional masks and
+    negatives, see DenoisePipeline); class-conditional bundles take `class_label`. Steps and
+    guidance default to the bundle's sampling defaults. Image i uses noise seeded `seed + i`.
+    `output="latents"` returns the denoised latents instead (a bundle without a VAE decoder).
+    """
+    pipe = load_pipeline(bundle, backend=backend, threads=threads)
+    cond = {k: v for k, v in (("prompt", prompt), ("prompt_embeds", prompt_embeds),
+                              ("class_label", class_label)) if v is not None}
+    if prompt is not None:
+        cond["negative_prompt"] = negative_prompt
+    return pipe.generate(num_images=num_images, seed=seed, steps=steps, guidance=guidance,
+                         on_step=on_step, output=output, **cond)

@@ -1,0 +1,82 @@
+"""Latency and memory of a bundle on a backend, measured the same way for every bundle so
+ratios between bundles (FP vs quantized) are meaningful when measured in one run."""
+
+from __future__ import annotations
+
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .bundle import Bundle
+from .pipeline import DenoisePipeline, initial_noise
+
+
+def weight_bytes(bundle: Bundle) -> int:
+    """Bytes of all graphs and weight files the components load (engines excluded)."""
+    total = 0
+    for comp in bundle.components.values():
+        files = {v["onnx"] for v in comp["variants"]}
+        if comp.get("external_data"):
+            files.add(comp["external_data"])
+        total += sum(bundle.path(f).stat().st_size for f in files)
+    return total
+
+
+def peak_rss_mb() -> float:
+    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return kb / 1024 if sys.platform != "darwin" else kb / 2**20
+
+
+def _example_conditioning(pipe: DenoisePipeline, n: int):
+    m = pipe.model
+    if m["family"] == "dit":
+        return {"class_label": [i % m["num_classes"] for i in range(n)]}
+    if pipe.text_encoder is not None:
+        return {"prompt": "a large red circle at the top left on a grey background"}
+    t = m["text"]
+    rng = np.random.default_rng(0)
+    return {"prompt_embeds": {"prompt_embeds": rng.standard_normal((t["max_length"], t["dim"]),
+                                                                   dtype=np.float32)}}
+
+
+def bench_bundle(path: str | Path, steps: int | None = None, images: int = 2, repeat: int = 10,
+                 threads: int = 0, backend: str = "ort") -> dict:
+    bundle = Bundle.load(path)
+    pipe = DenoisePipeline(bundle, backend=backend, threads=threads)
+    steps = steps or bundle.manifest["sampling"]["steps"]
+    m = pipe.model
+    cond = pipe.conditioning(1, **_example_conditioning(pipe, 1))
+    noise = initial_noise((m["in_channels"], m["sample_size"], m["sample_size"]), 0, 1)
+
+    # One denoiser call at the graph's fixed batch (a CFG pair), timed alone.
+    b = pipe.denoiser.batch
+    pair = {k: np.concatenate([v, cond.uncond[k]]) for k, v in cond.cond.items()}
+    feeds = {k: np.concatenate([v] * b)[:b] for k, v in pair.items()}
+    feeds["sample"] = np.repeat(noise, b, 0)
+    feeds["timestep"] = np.full(b, 500.0, np.float32)
+    pipe.denoiser.run(feeds, 500.0)  # warm-up: allocations, kernel selection
+    step_ms = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        pipe.denoiser.run(feeds, 500.0)
+        step_ms.append((time.perf_counter() - t0) * 1e3)
+
+    image_ms = []
+    output = "images" if (not m["latent_space"] or pipe.vae_decoder is not None) else "latents"
+    for i in range(images):
+        t0 = time.perf_counter()
+        pipe.generate(num_images=1, seed=i, steps=steps, output=output,
+                      **_example_conditioning(pipe, 1))
+        image_ms.append((time.perf_counter() - t0) * 1e3)
+    return {
+        "bundle": str(path), "model": m["name"], "backend": backend, "threads": threads,
+        "batch": b, "steps": steps,
+        "step_ms": round(statistics.median(step_ms), 3),
+        "image_ms": round(statistics.median(image_ms), 3),
+        "peak_mb": round(peak_rss_mb(), 1),
+        "weight_bytes": weight_bytes(bundle),
+    }

@@ -1,0 +1,206 @@
+"""The denoising loop for PixArt and DiT bundles, in numpy around the bundle's components.
+
+Conventions shared with the PyTorch sampler (`effgen.models.sampling`): noise for image i is
+drawn from `default_rng(seed + i)`, so an image does not depend on how many are generated
+with it; classifier-free guidance runs as a batch of two, conditional rows first; guidance and
+the scheduler see only the first `in_channels` output channels (a learned sigma is dropped).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from .backends import Component, load_component, run_in_batches
+from .bundle import Bundle, BundleError
+from .images import to_uint8
+from .schedulers import make_scheduler
+
+StepCallback = Callable[[int, int], None]
+
+
+@dataclass
+class Conditioning:
+    """Per-image conditional and unconditional inputs of the denoiser (first dim = images)."""
+
+    cond: dict[str, np.ndarray]
+    uncond: dict[str, np.ndarray]
+
+
+def initial_noise(shape: Sequence[int], seed: int, n: int) -> np.ndarray:
+    return np.stack([np.random.default_rng(seed + i).standard_normal(tuple(shape), dtype=np.float32)
+                     for i in range(n)])
+
+
+class DenoisePipeline:
+    """Generate images from a PixArt or DiT bundle."""
+
+    def __init__(self, bundle: Bundle | str | Path, backend: str = "ort", threads: int = 0):
+        self.bundle = bundle if isinstance(bundle, Bundle) else Bundle.load(bundle)
+        self.model = self.bundle.model
+        if self.model["family"] not in ("pixart", "dit"):
+            raise BundleError(f"{self.bundle.root}: DenoisePipeline runs pixart and dit bundles, "
+                              f"not {self.model['family']}")
+        comps = self.bundle.components
+        self.denoiser: Component = load_component(self.bundle, "denoiser", backend, threads)
+        self.text_encoder = (load_component(self.bundle, "text_encoder", backend, threads)
+                             if "text_encoder" in comps else None)
+        self.vae_decoder = (load_component(self.bundle, "vae_decoder", backend, threads)
+                            if "vae_decoder" in comps else None)
+        self._tokenizer = None
+
+    # -- conditioning ---------------------------------------------------------------------
+
+    def encode_prompts(self, prompts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Token states and float mask for prompts, through the bundle's text encoder."""
+        if self.text_encoder is None:
+            raise BundleError(f"{self.bundle.root} has no text_encoder component: pass "
+                              "precomputed prompt embeddings instead of a prompt")
+        if self._tokenizer is None:
+            from tokenizers import Tokenizer
+
+            entry = self.bundle.component("text_encoder")
+            self._tokenizer = Tokenizer.from_file(str(self.bundle.path(entry["tokenizer"])))
+        from .text import encode_batch
+
+        max_length = self.bundle.component("text_encoder")["max_length"]
+        ids, mask = encode_batch(self._tokenizer, list(prompts), max_length)
+        states = run_in_batches(self.text_encoder, {"input_ids": ids, "attention_mask": mask})
+        return states["encoder_hidden_states"], mask.astype(np.float32)
+
+    def conditioning(self, n: int, prompt: str | Sequence[str] | None = None,
+                     negative_prompt: str = "",
+                     prompt_embeds: dict[str, np.ndarray] | None = None,
+                     class_label: int | Sequence[int] | None = None) -> Conditioning:
+        def per_image(x):
+            x = [x] * n if isinstance(x, (str, int, np.integer)) else list(x)
+            if len(x) != n:
+                raise ValueError(f"got {len(x)} prompts/labels for {n} images")
+            return x
+
+        if self.model["family"] == "dit":
+            if class_label is None:
+                raise ValueError("this is a class-conditional bundle: give a class label")
+            labels = np.asarray(per_image(class_label), np.int64)
+            k = self.model["num_classes"]
+            if labels.min() < 0 or labels.max() >= k:
+                raise ValueError(f"class labels must be in 0..{k - 1}")
+            return Conditioning({"class_labels": labels},
+                                {"class_labels": np.full(n, k, np.int64)})  # k = "no class"
+        if prompt is not None:
+            states, mask = self.encode_prompts(per_image(prompt) + [negative_prompt])
+            return Conditioning(
+                {"encoder_hidden_states": states[:n], "encoder_attention_mask": mask[:n]},
+                {"encoder_hidden_states": np.repeat(states[n:], n, 0),
+                 "encoder_attention_mask": np.repeat(mask[n:], n, 0)})
+        if prompt_embeds is not None:
+            return self._from_embeddings(prompt_embeds, n)
+        raise ValueError("this is a text-conditioned bundle: give a prompt or prompt embeddings")
+
+    def _from_embeddings(self, e: dict[str, np.ndarray], n: int) -> Conditioning:
+        """Precomputed text states: `prompt_embeds` (L, D) or (1, L, D) or (n, L, D), optional
+        `prompt_attention_mask`, `negative_prompt_embeds`, `negative_prompt_attention_mask`.
+        Without a negative, the unconditional branch sees zero states behind one valid token."""
+        text = self.model["text"]
+        shape = (text["max_length"], text["dim"])
+
+        def rows(x, what):
+            x = np.asarray(x, np.float32)
+            x = x[None] if x.ndim == len(shape) else x
+            if x.shape[1:] != shape:
+                raise ValueError(f"{what} must have shape (N, {shape[0]}, {shape[1]}) for this "
+                                 f"bundle, got {tuple(x.shape)}")
+            return np.broadcast_to(x, (n, *shape)) if len(x) == 1 else x
+
+        if "prompt_embeds" not in e:
+            raise ValueError("prompt embeddings file has no 'prompt_embeds' array")
+        cond = rows(e["prompt_embeds"], "prompt_embeds")
+        cmask = (rows(e["prompt_attention_mask"][..., None], "mask")[..., 0]
+                 if "prompt_attention_mask" in e else np.ones(cond.shape[:2], np.float32))
+        if "negative_prompt_embeds" in e:
+            unc = rows(e["negative_prompt_embeds"], "negative_prompt_embeds")
+            umask = (rows(e["negative_prompt_attention_mask"][..., None], "mask")[..., 0]
+                     if "negative_prompt_attention_mask" in e else np.ones(unc.shape[:2], np.float32))
+        else:
+            unc = np.zeros_like(cond)
+            umask = np.zeros(cond.shape[:2], np.float32)
+            umask[:, 0] = 1
+        return Conditioning({"encoder_hidden_states": cond, "encoder_attention_mask": cmask},
+                            {"encoder_hidden_states": unc, "encoder_attention_mask": umask})
+
+    # -- sampling -------------------------------------------------------------------------
+
+    def denoise(self, noise: np.ndarray, cond: Conditioning, steps: int, guidance: float,
+                on_step: StepCallback | None = None) -> np.ndarray:
+        """Run the sampler from `noise` (N, C, H, W); returns the final latents/pixels."""
+        n, c = noise.shape[:2]
+        cfg = guidance != 1.0
+        per_call = self.denoiser.batch // 2 if cfg else self.denoiser.batch
+        if per_call < 1:
+            raise BundleError("the denoiser was exported with batch 1: guidance needs batch 2")
+        out = np.empty_like(noise)
+        total = steps * -(-n // per_call)
+        done = 0
+        for start in range(0, n, per_call):
+            k = min(per_call, n - start)
+            sl = slice(start, start + k)
+            sched = make_scheduler(self.bundle.manifest["scheduler"])
+            sched.set_timesteps(steps)
+            x = noise[sl]
+            for t in sched.timesteps:
+                feeds = {name: v[sl] for name, v in cond.cond.items()}
+                if cfg:
+                    feeds = {name: np.concatenate([v, cond.uncond[name][sl]])
+                             for name, v in feeds.items()}
+                feeds["sample"] = np.concatenate([x, x]) if cfg else x
+                feeds["timestep"] = np.full(len(feeds["sample"]), t, np.float32)
+                feeds = _pad_rows(feeds, self.denoiser.batch)
+                pred = self.denoiser.run(feeds, float(t))["model_output"][:, :c]
+                if cfg:
+                    eps = pred[k:2 * k] + guidance * (pred[:k] - pred[k:2 * k])
+                else:
+                    eps = pred[:k]
+                x = sched.step(eps, t, x)
+                done += 1
+                if on_step is not None:
+                    on_step(done, total)
+            out[sl] = x
+        return out
+
+    def decode(self, x: np.ndarray) -> np.ndarray:
+        if self.model["latent_space"]:
+            if self.vae_decoder is None:
+                raise BundleError(f"{self.bundle.root} denoises latents but has no vae_decoder "
+                                  "component (export with a --checkpoint that has a vae/)")
+            x = run_in_batches(self.vae_decoder, {"latent": x})["image"]
+        return to_uint8(x)
+
+    def generate(self, num_images: int = 1, seed: int = 0, steps: int | None = None,
+                 guidance: float | None = None, on_step: StepCallback | None = None,
+                 output: str = "images", **conditioning) -> np.ndarray:
+        """Images as uint8 (N, H, W, 3), or with `output="latents"` the denoised latents
+        (N, C, h, w) float32 before the VAE. Conditioning: `prompt=`, `prompt_embeds=` or
+        `class_label=` (one for all images or one per image), `negative_prompt=`."""
+        if output not in ("images", "latents"):
+            raise ValueError("output must be 'images' or 'latents'")
+        sampling = self.bundle.manifest["sampling"]
+        steps = int(steps or sampling["steps"])
+        guidance = float(sampling["guidance"] if guidance is None else guidance)
+        if steps < 1:
+            raise ValueError("steps must be at least 1")
+        m = self.model
+        noise = initial_noise((m["in_channels"], m["sample_size"], m["sample_size"]), seed, num_images)
+        cond = self.conditioning(num_images, **conditioning)
+        x = self.denoise(noise, cond, steps, guidance, on_step)
+        return x if output == "latents" else self.decode(x)
+
+
+def _pad_rows(feeds: dict[str, np.ndarray], batch: int) -> dict[str, np.ndarray]:
+    """Fill a short final call up to the graph's fixed batch by repeating the last row."""
+    n = len(feeds["sample"])
+    if n == batch:
+        return feeds
+    return {k: np.concatenate([v, np.repeat(v[-1:], batch - n, 0)]) for k, v in feeds.items()}
