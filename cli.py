@@ -116,6 +116,25 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_eval(args) -> int:
+    from .metrics import evaluate_bundle, write_json
+
+    result = evaluate_bundle(args.bundle, reference=args.reference, n_images=args.n_images,
+                             seed=args.seed, threads=args.threads, steps=args.steps)
+    shown = {"psnr": "PSNR vs reference (dB)", "ssim": "SSIM vs reference",
+             "fd": "Frechet distance vs real", "attr_acc": "shape+colour+position acc",
+             "class_acc": "shape+colour acc", "n_images": "images"}
+    print(f"{result['model']} ({args.bundle}), {result['steps']} steps, seed {args.seed}")
+    for key, label in shown.items():
+        value = result[key]
+        text = "-" if value is None else (f"{value:.4f}" if isinstance(value, float) else str(value))
+        print(f"  {label:>26}: {text}")
+    if args.json:
+        write_json(args.json, result)
+        print(f"wrote {args.json}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="effgen", description="Generate images from effgen bundles and check them. "
@@ -157,6 +176,25 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--threads", type=int, default=0)
     b.add_argument("--json", type=Path, default=None, help="also write the results here")
     b.set_defaults(func=cmd_bench)
+
+    e = sub.add_parser("eval", help="quality of a bundle: PSNR/SSIM vs an FP bundle, Frechet "
+                       "distance, prompt accuracy",
+                       description="Generate the fixed evaluation set (refdata.eval_prompts) "
+                       "from a reference-model bundle and score it: PSNR and SSIM against "
+                       "the same images from --reference (same prompts, seeds, steps), "
+                       "Frechet distance of attribute-classifier features against real "
+                       "pictures, and the fraction of images that show the shape, colour "
+                       "(and position, for text prompts) asked for. JSON writes infinite "
+                       "PSNR as \"inf\".")
+    e.add_argument("bundle", type=Path)
+    e.add_argument("--reference", type=Path, default=None,
+                   help="FP bundle of the same model (without it psnr/ssim are null)")
+    e.add_argument("--json", type=Path, default=None, help="write the results here")
+    e.add_argument("--n-images", type=int, default=64, help="images generated per bundle")
+    e.add_argument("--seed", type=int, default=0, help="image i uses noise seeded SEED+i")
+    e.add_argument("--steps", type=int, default=None, help="sampler steps (default: the bundle's)")
+    e.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads (0 = all cores)")
+    e.set_defaults(func=cmd_eval)
     return p
 
 

@@ -76,7 +76,7 @@ def bench_bundle(path: str | Path, steps: int | None = None, images: int = 2, re
         "bundle": str(path), "model": m["name"], "backend": backend, "threads": threads,
         "batch": b, "steps": steps,
         "step_ms": round(statistics.median(step_ms), 3),
-        "image_ms": round(statistics.median(image_ms), 3),
+        "image_ms": round(statistics.median(image_ms), 3) if image_ms else None,
         "peak_mb": round(peak_rss_mb(), 1),
         "weight_bytes": weight_bytes(bundle),
     }

@@ -187,7 +187,7 @@ class DenoisePipeline:
         if output not in ("images", "latents"):
             raise ValueError("output must be 'images' or 'latents'")
         sampling = self.bundle.manifest["sampling"]
-        steps = int(steps or sampling["steps"])
+        steps = int(sampling["steps"] if steps is None else steps)
         guidance = float(sampling["guidance"] if guidance is None else guidance)
         if steps < 1:
             raise ValueError("steps must be at least 1")
