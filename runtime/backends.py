@@ -60,12 +60,20 @@ class OrtComponent:
         return dict(zip(self.output_names, sess.run(self.output_names, feeds)))
 
 
-BACKENDS = ("ort",)
+BACKENDS = ("ort", "ort-cuda", "trt")
 
 
 def load_component(bundle: Bundle, name: str, backend: str = "ort", threads: int = 0) -> Component:
+    """`ort`: ONNX Runtime on the CPU; `ort-cuda`: ONNX Runtime's CUDA provider (effgen[gpu]);
+    `trt`: the bundle's TensorRT engines for this GPU (built with effgen-build)."""
     if backend == "ort":
         return OrtComponent(bundle, name, threads)
+    if backend == "ort-cuda":
+        return OrtComponent(bundle, name, threads, ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    if backend == "trt":
+        from .trt_backend import TrtComponent, engine_target
+
+        return TrtComponent(bundle, name, engine_target(bundle))
     raise ValueError(f"unknown backend '{backend}'; choose one of {', '.join(BACKENDS)}")
 
 
