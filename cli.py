@@ -107,7 +107,7 @@ def cmd_bench(args) -> int:
     from .runtime.bench import bench_bundle
 
     result = bench_bundle(args.bundle, steps=args.steps, images=args.images,
-                          repeat=args.repeat, threads=args.threads)
+                          repeat=args.repeat, threads=args.threads, backend=args.backend)
     for k, v in result.items():
         print(f"{k:>20}: {v}")
     if args.json:
@@ -133,6 +133,154 @@ def cmd_eval(args) -> int:
         write_json(args.json, result)
         print(f"wrote {args.json}")
     return 0
+
+
+def cmd_plan_memory(args) -> int:
+    from .engines.memory import format_plan, plan_memory
+    from .engines.targets import get_device
+    from .runtime.bundle import Bundle
+
+    plan = plan_memory(Bundle.load(args.bundle), get_device(args.device), args.workspace_mb, args.refit)
+    print(format_plan(plan))
+    if args.json:
+        args.json.write_text(json.dumps(plan.to_json(), indent=2) + "\n")
+    return 0
+
+
+def _calib_log(msg: str) -> None:
+    print(msg, file=sys.stderr)
+
+
+def _grouping_override(raw: dict, args) -> dict:
+    """--groups K / --group-tolerance X replace the plan's timestep grouping."""
+    if getattr(args, "groups", None) is None and getattr(args, "group_tolerance", None) is None:
+        return raw
+    raw = dict(raw)
+    raw.pop("timestep_groups", None)
+    techniques = dict(raw.get("techniques") or {})
+    techniques["timestep_grouping"] = ({"k": args.groups} if args.groups is not None
+                                       else {"tolerance": args.group_tolerance})
+    raw["techniques"] = techniques
+    return raw
+
+
+def cmd_calib(args) -> int:
+    from .calib.calibrate import calibrate
+    from .calib.plan import LayerPrecision, read_plan_file
+    from .calib.quantizers import describe
+    from .calib.scales import write_calibration
+    from .calib.stats import calibration_items
+    from .models.denoiser import load_denoiser
+
+    raw = _grouping_override(read_plan_file(args.plan), args)
+    if args.threads > 0:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    denoiser = load_denoiser(args.model, args.checkpoint)
+    items = calibration_items(denoiser.spec, args.n_calib, args.prompts)
+    plan, scales = calibrate(denoiser, raw, args.target, items=items, steps=args.steps,
+                             guidance=args.guidance, use_cache=not args.no_cache, log=_calib_log)
+    plan_path, scales_path = write_calibration(args.out, plan, scales)
+    counts: dict = {}
+    for name, prec in plan.layers.items():
+        eff = plan.provenance["effective"].get(name)
+        label = describe(prec if eff is None else LayerPrecision(**eff))
+        counts[label] = counts.get(label, 0) + 1
+    print(f"{plan.model} on {plan.target}: {len(plan.layers)} layers ("
+          + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())) + f"), "
+          f"{len(plan.timestep_groups)} timestep group(s) {plan.timestep_groups}")
+    print(f"wrote {plan_path} and {scales_path}")
+    return 0
+
+
+def cmd_sample_sim(args) -> int:
+    from .calib.calibrate import calibrate, generate_images, resolve_for_model, sample_items
+    from .calib.plan import read_plan_file
+    from .calib.scales import PLAN_FILE, SCALES_FILE, load_scales
+    from .calib.simulate import quantize_
+    from .models.denoiser import load_denoiser
+    from .runtime.images import make_grid, save_png
+
+    if args.plan is None and args.scales is None:
+        raise ValueError("give --plan PLAN (calibrated on the fly) and/or --scales DIR (from effgen calib)")
+    if args.threads > 0:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    denoiser = load_denoiser(args.model, args.checkpoint)
+    if args.scales is not None:
+        raw = read_plan_file(args.plan or args.scales / PLAN_FILE)
+        plan = resolve_for_model(denoiser, raw)
+        scales = load_scales(args.scales / SCALES_FILE, plan)
+    else:
+        plan, scales = calibrate(denoiser, _grouping_override(read_plan_file(args.plan), args),
+                                 args.target, n_calib=args.n_calib, steps=args.steps,
+                                 guidance=args.guidance, log=_calib_log)
+    quantize_(denoiser, plan, scales, args.target)
+    items, _ = sample_items(denoiser.spec, args.num_images)
+    images = generate_images(denoiser, items, seed=args.seed, steps=args.steps,
+                             guidance=args.guidance, desc=f"sampling ({plan.target} simulation)")
+    args.out.mkdir(parents=True, exist_ok=True)
+    for i, img in enumerate(images):
+        save_png(img, args.out / f"{i:03d}.png")
+    grid = args.out / "grid.png"
+    save_png(make_grid(images), grid, upscale=max(1, 128 // images.shape[1]))
+    (args.out / "prompts.txt").write_text("".join(f"{x}\n" for x in items))
+    print(f"{len(images)} images ({plan.model}, {plan.target} simulation) -> {args.out}/000.png .. "
+          f"{len(images) - 1:03d}.png, grid: {grid}")
+    return 0
+
+
+def _add_calib_parsers(sub) -> None:
+    c = sub.add_parser("calib", help="calibrate a model for a plan: plan.json + scales.safetensors",
+                       description="Run the FP PyTorch sampler over calibration prompts/labels "
+                       "(statistics cached under $EFFGEN_CACHE or ~/.cache/effgen), compute "
+                       "smoothing vectors, weight scales and per-timestep-group activation "
+                       "scales for the plan as the target runs it, and write the resolved "
+                       "plan (plan.json) and scales.safetensors into --out.")
+    c.add_argument("model", help="model name (pixart = pixart-ref, dit = dit-ref, dit-tiny, ...)")
+    c.add_argument("--plan", type=Path, required=True, help="plan JSON (effgen.plan/1)")
+    c.add_argument("--out", type=Path, required=True, help="directory for plan.json and scales.safetensors")
+    c.add_argument("--target", choices=["ort-cpu", "trt", "trt-orin"], default=None,
+                   help="target whose effective precision is simulated (default: the plan's)")
+    c.add_argument("--n-calib", type=int, default=32, help="calibration prompts/labels")
+    c.add_argument("--prompts", type=Path, default=None,
+                   help="calibration prompt file: one caption (or class label) per line "
+                   "(default: refdata.eval_prompts(N, seed=999))")
+    c.add_argument("--steps", type=int, default=None, help="sampler steps (default: the model's)")
+    c.add_argument("--guidance", type=float, default=None, help="guidance (default: the model's)")
+    c.add_argument("--groups", type=int, default=None, help="K equal timestep groups (overrides the plan)")
+    c.add_argument("--group-tolerance", type=float, default=None,
+                   help="group adjacent steps whose activation ranges agree within this relative tolerance")
+    c.add_argument("--checkpoint", type=Path, default=None, help="local diffusers folder")
+    c.add_argument("--no-cache", action="store_true", help="recompute the statistics")
+    c.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
+    c.set_defaults(func=cmd_calib)
+
+    s = sub.add_parser("sample-sim", help="sample images with a quantization-simulated PyTorch model",
+                       description="Swap the plan's layers for simulating modules (the target's "
+                       "effective numerics) and sample refdata.eval_prompts(N) (captions for "
+                       "pixart, class ids for dit) with image i seeded SEED+i like the runtime; "
+                       "writes PNGs, grid.png and prompts.txt.")
+    s.add_argument("model")
+    s.add_argument("--plan", type=Path, default=None,
+                   help="plan JSON (default with --scales: DIR/plan.json)")
+    s.add_argument("--scales", type=Path, default=None,
+                   help="directory written by effgen calib (without it: calibrate now)")
+    s.add_argument("--out", type=Path, required=True, help="directory for the PNGs")
+    s.add_argument("--target", choices=["ort-cpu", "trt", "trt-orin"], default=None)
+    s.add_argument("--num-images", "-n", type=int, default=16)
+    s.add_argument("--seed", type=int, default=0, help="image i uses noise seeded SEED+i")
+    s.add_argument("--steps", type=int, default=None)
+    s.add_argument("--guidance", type=float, default=None)
+    s.add_argument("--n-calib", type=int, default=32, help="calibration prompts (without --scales)")
+    s.add_argument("--groups", type=int, default=None)
+    s.add_argument("--group-tolerance", type=float, default=None)
+    s.add_argument("--checkpoint", type=Path, default=None)
+    s.add_argument("--threads", type=int, default=0)
+    s.set_defaults(func=cmd_sample_sim)
+
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -174,6 +322,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--images", type=int, default=2, help="images timed")
     b.add_argument("--repeat", type=int, default=10, help="denoiser calls timed")
     b.add_argument("--threads", type=int, default=0)
+    b.add_argument("--backend", default="ort", choices=["ort", "ort-cuda", "trt"],
+                   help="ort: ONNX Runtime CPU; trt: the bundle's TensorRT engines")
     b.add_argument("--json", type=Path, default=None, help="also write the results here")
     b.set_defaults(func=cmd_bench)
 
@@ -195,6 +345,19 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--steps", type=int, default=None, help="sampler steps (default: the bundle's)")
     e.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads (0 = all cores)")
     e.set_defaults(func=cmd_eval)
+
+    m = sub.add_parser("plan-memory", help="will a bundle's TensorRT engines fit on a device?",
+                       description="Estimate engine weights (x variants unless refit), "
+                       "activations, workspace and runtime overhead against a device's memory "
+                       "(shared with the CPU on Jetson) and say whether it fits.")
+    m.add_argument("bundle", type=Path)
+    m.add_argument("--device", required=True, help="orin-nano-4gb, orin-nano-8gb, orin-nx-8gb, "
+                   "orin-nx-16gb, agx-orin-32gb, agx-orin-64gb, rtx-3090, rtx-4080, rtx-4090, ...")
+    m.add_argument("--workspace-mb", type=int, default=None, help="builder workspace limit (MiB)")
+    m.add_argument("--refit", action="store_true", help="one refittable engine for all variants")
+    m.add_argument("--json", type=Path, default=None)
+    m.set_defaults(func=cmd_plan_memory)
+    _add_calib_parsers(sub)
     return p
 
 

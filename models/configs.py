@@ -18,6 +18,10 @@ DDPM_LINEAR = {"num_train_timesteps": 1000, "beta_start": 0.0001, "beta_end": 0.
                "beta_schedule": "linear", "prediction_type": "epsilon"}
 
 
+REF_SCHEDULER = {"name": "dpm++2m", **DDPM_LINEAR, "prediction_type": "v_prediction",
+                 "timestep_spacing": "linspace"}
+
+
 @dataclasses.dataclass(frozen=True)
 class TextSpec:
     """How a text-conditioned model is conditioned."""
@@ -86,6 +90,42 @@ def _dit(layers: int, heads: int, head_dim: int, sample_size: int, num_classes: 
     }
 
 
+def _ecar(**extra: Any) -> dict[str, Any]:
+    """The fields of models/ecar.py's ECARConfig (the reference ECAR plus `extra`)."""
+    return {
+        "sample_size": 32, "in_channels": 3, "patch_size": 4, "stages": (1, 2, 4, 8),
+        "num_classes": 20, "width": 128, "depth": 6, "heads": 4, "mlp_ratio": 4.0,
+        "head_type": "transformer", "head_width": 128, "head_depth": 2, "head_heads": 4,
+        "head_mlp_ratio": 2.0, "schedule": "pyramid", "boundaries": (0.0, 0.25, 0.5, 0.75),
+        "gamma": 1 / 3, "stage_steps": (4, 4, 4, 4), "cfg_scale": 3.0, "class_dropout": 0.1,
+        **extra,
+    }
+
+
+def _ecar_specs() -> list[ModelSpec]:
+    """ECAR (models/ecar.py): `transformer` holds the ECARConfig fields; steps is the head's
+    total over the stages. The reference ECAR and its two baselines (same network sizes):
+    FlowAR-style (every stage denoised fully from noise) and single-stage (plain flow matching
+    at full resolution, the head steps of all stages in one)."""
+    sched = {"name": "ecar-multistage-euler"}
+    specs = []
+    for name, t in [
+        ("ecar-ref", _ecar()),
+        ("ecar-flowar-ref", _ecar(schedule="flowar", boundaries=(0.0, 0.0, 0.0, 0.0))),
+        ("ecar-single-stage-ref", _ecar(stages=(8,), boundaries=(0.0,), stage_steps=(16,))),
+    ]:
+        specs.append(ModelSpec(name, "ecar", t, num_classes=20, latent_space=False,
+                               scheduler=dict(sched), steps=sum(t["stage_steps"]),
+                               guidance=t["cfg_scale"], weights=f"{name}.safetensors"))
+    # Tiny, random weights: tests.
+    tiny = _ecar(sample_size=16, stages=(1, 2, 4), num_classes=10, width=32, depth=2, heads=2,
+                 head_width=32, head_heads=2, boundaries=(0.0, 1 / 3, 2 / 3), stage_steps=(2, 2, 2),
+                 cfg_scale=2.0)
+    specs.append(ModelSpec("ecar-tiny", "ecar", tiny, num_classes=10, latent_space=False,
+                           scheduler=dict(sched), steps=6, guidance=2.0))
+    return specs
+
+
 T5 = TextSpec("t5-v1_1-xxl", 120, 4096)
 T5_SIGMA = TextSpec("t5-v1_1-xxl", 300, 4096)
 MINILM = TextSpec("minilm", 16, 384)  # reference captions are 14 tokens with [CLS]/[SEP]
@@ -109,16 +149,22 @@ _SPECS = [
     ModelSpec("dit-tiny", "dit", _dit(2, 2, 16, 8, 10), num_classes=10, steps=4),
     # Reference models: trained by samples/train_reference.py on models/refdata.py, in pixel
     # space (32x32 RGB, no VAE), and shipped with effgen.
+    # They predict v, not epsilon: at the first step of a sampler (alpha_bar ~ 4e-5) an
+    # epsilon model's x0 estimate divides its error by sqrt(alpha_bar) ~ 0.006, which a small,
+    # briefly trained model cannot afford (measured: x0 estimates of +-200 from pure noise).
     ModelSpec("pixart-ref", "pixart",
               {**_pixart(6, 4, 32, 32, 384), "in_channels": 3, "out_channels": 3, "patch_size": 4},
-              text=MINILM, latent_space=False, guidance=4.0, weights="pixart-ref.safetensors"),
+              text=MINILM, latent_space=False, guidance=4.0, weights="pixart-ref.safetensors",
+              scheduler=REF_SCHEDULER),
     ModelSpec("dit-ref", "dit",
               {**_dit(6, 4, 32, 32, 20), "in_channels": 3, "out_channels": 3, "patch_size": 4},
-              num_classes=20, latent_space=False, guidance=3.0, weights="dit-ref.safetensors"),
-]
+              num_classes=20, latent_space=False, guidance=3.0, weights="dit-ref.safetensors",
+              scheduler=REF_SCHEDULER),
+] + _ecar_specs()
 MODELS: dict[str, ModelSpec] = {s.name: s for s in _SPECS}
-# What `effgen-export pixart` / `effgen-export dit` mean: the shipped, trained reference models.
-ALIASES = {"pixart": "pixart-ref", "dit": "dit-ref"}
+# What `effgen-export pixart` / `effgen-export dit` / `effgen-export ecar` mean: the shipped,
+# trained reference models.
+ALIASES = {"pixart": "pixart-ref", "dit": "dit-ref", "ecar": "ecar-ref"}
 
 
 def get_spec(name: str) -> ModelSpec:

@@ -105,28 +105,29 @@ class DenoisePipeline:
         `prompt_attention_mask`, `negative_prompt_embeds`, `negative_prompt_attention_mask`.
         Without a negative, the unconditional branch sees zero states behind one valid token."""
         text = self.model["text"]
-        shape = (text["max_length"], text["dim"])
+        states_shape, mask_shape = (text["max_length"], text["dim"]), (text["max_length"],)
 
-        def rows(x, what):
-            x = np.asarray(x, np.float32)
+        def rows(name, shape, default=None):
+            if name not in e:
+                return default
+            x = np.asarray(e[name], np.float32)
             x = x[None] if x.ndim == len(shape) else x
-            if x.shape[1:] != shape:
-                raise ValueError(f"{what} must have shape (N, {shape[0]}, {shape[1]}) for this "
-                                 f"bundle, got {tuple(x.shape)}")
-            return np.broadcast_to(x, (n, *shape)) if len(x) == 1 else x
+            if x.shape[1:] != shape or len(x) not in (1, n):
+                raise ValueError(f"{name} must have shape {shape} or (N, {', '.join(map(str, shape))}) "
+                                 f"with N = 1 or {n} for this bundle, got {tuple(x.shape)}")
+            return np.broadcast_to(x, (n, *shape))
 
-        if "prompt_embeds" not in e:
+        cond = rows("prompt_embeds", states_shape)
+        if cond is None:
             raise ValueError("prompt embeddings file has no 'prompt_embeds' array")
-        cond = rows(e["prompt_embeds"], "prompt_embeds")
-        cmask = (rows(e["prompt_attention_mask"][..., None], "mask")[..., 0]
-                 if "prompt_attention_mask" in e else np.ones(cond.shape[:2], np.float32))
-        if "negative_prompt_embeds" in e:
-            unc = rows(e["negative_prompt_embeds"], "negative_prompt_embeds")
-            umask = (rows(e["negative_prompt_attention_mask"][..., None], "mask")[..., 0]
-                     if "negative_prompt_attention_mask" in e else np.ones(unc.shape[:2], np.float32))
+        cmask = rows("prompt_attention_mask", mask_shape, np.ones((n, *mask_shape), np.float32))
+        unc = rows("negative_prompt_embeds", states_shape)
+        if unc is not None:
+            umask = rows("negative_prompt_attention_mask", mask_shape,
+                         np.ones((n, *mask_shape), np.float32))
         else:
             unc = np.zeros_like(cond)
-            umask = np.zeros(cond.shape[:2], np.float32)
+            umask = np.zeros((n, *mask_shape), np.float32)
             umask[:, 0] = 1
         return Conditioning({"encoder_hidden_states": cond, "encoder_attention_mask": cmask},
                             {"encoder_hidden_states": unc, "encoder_attention_mask": umask})

@@ -10,8 +10,9 @@ Time on the 2-core development machine, both cores: pixart-ref ~0.45 s/step, dit
 ~0.4 s/step at batch 64; the shipped checkpoints were trained for the step counts in their
 metadata (`python -c "from safetensors import safe_open; ..."` or `effgen info`).
 
-DDPM with epsilon prediction on the linear beta schedule of PixArt-alpha and DiT, pixels in
-[-1, 1], 10% condition dropout for classifier-free guidance, AdamW, EMA weights saved.
+DDPM on the linear beta schedule of PixArt-alpha and DiT with v-prediction (the spec's
+scheduler says which), pixels in [-1, 1], 10% condition dropout for classifier-free guidance,
+AdamW, EMA weights saved.
 """
 
 from __future__ import annotations
@@ -60,6 +61,9 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the EMA weights in --out (fresh optimizer state; the step "
+                   "count continues from the checkpoint's metadata)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -78,6 +82,15 @@ def main(argv=None):
     print(f"data: {len(attrs)} pictures in {time.time() - t0:.0f}s", flush=True)
 
     model = build_denoiser(spec, seed=args.seed).train()
+    first_step = 0
+    if args.resume:
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+
+        model.transformer.load_state_dict(load_file(out))
+        with safe_open(str(out), "pt") as f:
+            first_step = int(f.metadata()["steps"])
+        print(f"resuming from {out} at step {first_step}", flush=True)
     ema = copy.deepcopy(model.transformer).eval().requires_grad_(False)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"{args.model}: {n_params / 1e6:.2f}M parameters", flush=True)
@@ -85,7 +98,8 @@ def main(argv=None):
     warmup = 300
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup))
     acp = ddpm_alphas_cumprod()
-    g = torch.Generator().manual_seed(args.seed)
+    v_prediction = spec.scheduler["prediction_type"] == "v_prediction"
+    g = torch.Generator().manual_seed(args.seed + first_step)
 
     def save(step: int, loss: float):
         meta = {"model": args.model, "steps": str(step), "batch": str(args.batch),
@@ -95,7 +109,7 @@ def main(argv=None):
         save_file({k: v.contiguous() for k, v in ema.state_dict().items()}, str(tmp), metadata=meta)
         os.replace(tmp, out)
 
-    losses, step, start = [], 0, time.time()
+    losses, step, start = [], first_step, time.time()
     while step < args.steps:
         idx = torch.randint(0, len(x_all), (args.batch,), generator=g)
         x0 = x_all[idx]
@@ -111,14 +125,18 @@ def main(argv=None):
             # diffusers' DiT label embedding drops 10% of labels to the null class itself
             # while training.
             pred = model(xt, t.float(), labels[idx])
-        loss = torch.nn.functional.mse_loss(pred[:, :spec.in_channels], eps)
+        if v_prediction:  # v = sqrt(abar) eps - sqrt(1 - abar) x0
+            target = a.sqrt() * eps - (1 - a).sqrt() * x0
+        else:
+            target = eps
+        loss = torch.nn.functional.mse_loss(pred[:, :spec.in_channels], target)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
         step += 1
-        decay = min(0.999, (1 + step) / (10 + step))
+        decay = min(0.999, (1 + step - first_step) / (10 + step - first_step))
         with torch.no_grad():
             for pe, pm in zip(ema.parameters(), model.transformer.parameters()):
                 pe.lerp_(pm, 1 - decay)
@@ -126,7 +144,7 @@ def main(argv=None):
         elapsed = time.time() - start
         if step % 100 == 0:
             print(f"step {step} loss {np.mean(losses[-100:]):.4f} "
-                  f"{elapsed / step:.2f}s/step {elapsed / 60:.1f}min", flush=True)
+                  f"{elapsed / (step - first_step):.2f}s/step {elapsed / 60:.1f}min", flush=True)
         if step % 500 == 0:
             save(step, float(np.mean(losses[-500:])))
         if args.minutes is not None and elapsed > args.minutes * 60:
