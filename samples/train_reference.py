@@ -61,6 +61,9 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--ema", type=float, default=0.995,
+                   help="EMA decay of the saved weights (0.995: a ~200-step window, which suits "
+                   "runs of a few thousand steps)")
     p.add_argument("--resume", action="store_true",
                    help="continue from the EMA weights in --out (fresh optimizer state; the step "
                    "count continues from the checkpoint's metadata)")
@@ -103,7 +106,7 @@ def main(argv=None):
 
     def save(step: int, loss: float):
         meta = {"model": args.model, "steps": str(step), "batch": str(args.batch),
-                "seed": str(args.seed), "loss": f"{loss:.5f}", "ema": "0.999",
+                "seed": str(args.seed), "loss": f"{loss:.5f}", "ema": str(args.ema),
                 "train_minutes": f"{(time.time() - t0) / 60:.1f}"}
         tmp = out.with_suffix(".tmp")
         save_file({k: v.contiguous() for k, v in ema.state_dict().items()}, str(tmp), metadata=meta)
@@ -136,7 +139,7 @@ def main(argv=None):
         opt.step()
         sched.step()
         step += 1
-        decay = min(0.999, (1 + step - first_step) / (10 + step - first_step))
+        decay = min(args.ema, (1 + step - first_step) / (10 + step - first_step))
         with torch.no_grad():
             for pe, pm in zip(ema.parameters(), model.transformer.parameters()):
                 pe.lerp_(pm, 1 - decay)
