@@ -209,8 +209,14 @@ def cmd_sample_sim(args) -> int:
 
         torch.set_num_threads(args.threads)
     denoiser = load_denoiser(args.model, args.checkpoint)
+    if denoiser.spec.latent_space:
+        raise ValueError(f"{denoiser.spec.name} denoises latents: sample-sim writes images of the "
+                         "pixel-space reference models (pixart, dit)")
     if args.scales is not None:
-        raw = read_plan_file(args.plan or args.scales / PLAN_FILE)
+        plan_path = args.plan or args.scales / PLAN_FILE
+        raw = read_plan_file(plan_path)
+        if isinstance(raw, dict) and raw.get("model") not in (None, "", denoiser.spec.name):
+            raise ValueError(f"{plan_path} is a plan for {raw['model']}, not {denoiser.spec.name}")
         plan = resolve_for_model(denoiser, raw)
         scales = load_scales(args.scales / SCALES_FILE, plan)
     else:
@@ -281,6 +287,53 @@ def _add_calib_parsers(sub) -> None:
     s.add_argument("--threads", type=int, default=0)
     s.set_defaults(func=cmd_sample_sim)
 
+
+
+def cmd_check(args) -> int:
+    """Every graph of the bundle against the target's rules; exit 1 naming each violation."""
+    from .exporter.qdq import check_file, describe_target_rules, ort_unfused
+    from .runtime.bundle import Bundle
+
+    bundle = Bundle.load(args.bundle, verify_hashes=False)
+    problems, graphs = [], 0
+    for name, comp in bundle.components.items():
+        target = args.target or (comp.get("quantization") or {}).get("target")
+        if target is None:
+            continue  # an FP component of a bundle checked without --target
+        for v in comp["variants"]:
+            path = bundle.path(v["onnx"])
+            graphs += 1
+            found = check_file(path, target)
+            if target == "ort-cpu" and args.ort and not found:
+                found = ort_unfused(path)
+            problems += [f"{name}/{v['onnx']}: {p}" for p in found]
+    if not graphs:
+        raise ValueError(f"{args.bundle}: no quantized component; give --target to check FP graphs")
+    for p in problems:
+        print(p)
+    rules = describe_target_rules(args.target) if args.target else "their targets'"
+    if problems:
+        print(f"{len(problems)} violation(s) of {rules} rules in {graphs} graph(s)", file=sys.stderr)
+        return 1
+    print(f"ok: {graphs} graph(s) of {args.bundle} follow {rules} rules")
+    return 0
+
+
+def _add_check_parser(sub) -> None:
+    c = sub.add_parser("check", help="verify a bundle's graphs against a target's quantization rules",
+                       description="Check every graph of a bundle against the rules of a target "
+                       "(trt, trt-orin: TensorRT explicit quantization — symmetric, zero point 0, "
+                       "per-channel only on weights on the output-channel axis, per-tensor "
+                       "activations, INT4 only blocked on MatMul/Gemm weights; ort-cpu: what ONNX "
+                       "Runtime's CPU provider fuses into integer kernels) and name each violating "
+                       "node. Exit status 1 when there are violations.")
+    c.add_argument("bundle", type=Path)
+    c.add_argument("--target", choices=["trt", "trt-orin", "ort-cpu"], default=None,
+                   help="rules to check (default: each component's quantization target)")
+    c.add_argument("--no-ort", dest="ort", action="store_false",
+                   help="ort-cpu: skip building each graph in ONNX Runtime to find weight "
+                   "DequantizeLinear nodes it leaves unfused")
+    c.set_defaults(func=cmd_check)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -358,6 +411,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--json", type=Path, default=None)
     m.set_defaults(func=cmd_plan_memory)
     _add_calib_parsers(sub)
+    _add_check_parser(sub)
     return p
 
 

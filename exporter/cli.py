@@ -18,9 +18,10 @@ def build_parser() -> argparse.ArgumentParser:
         prog="effgen-export",
         description="Export a model to an effgen bundle: ONNX graphs (opset 21, fixed shapes) "
         "checked against PyTorch in ONNX Runtime, and a manifest with the sha256 of every file. "
-        f"`pixart` and `dit` are the shipped reference models ({ALIASES['pixart']}, "
-        f"{ALIASES['dit']}). Known models: {names}.")
-    p.add_argument("model", help="model name, e.g. pixart, dit, pixart-alpha-512, dit-xl-2-256")
+        f"`pixart`, `dit` and `ecar` are the shipped reference models ({ALIASES['pixart']}, "
+        f"{ALIASES['dit']}, {ALIASES['ecar']}); an ECAR bundle has components `ar` and `head`, "
+        f"one graph per stage each. Known models: {names}.")
+    p.add_argument("model", help="model name, e.g. pixart, dit, ecar, pixart-alpha-512, dit-xl-2-256")
     p.add_argument("--out", type=Path, default=None, help="bundle directory (default build/MODEL)")
     p.add_argument("--checkpoint", type=Path, default=None,
                    help="local diffusers folder with transformer/ (and optionally vae/, "
@@ -28,6 +29,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resolution", type=int, default=None, help="image resolution in pixels")
     p.add_argument("--batch", type=int, default=2,
                    help="fixed batch of the denoiser graph (2 = one image with guidance)")
+    q = p.add_argument_group(
+        "quantization", "With --plan or --scales the denoiser is exported quantized: one QDQ "
+        "graph per timestep group, all sharing one weight file; the manifest records per layer "
+        "the precision the target really runs and the sha256 of plan and scales.")
+    q.add_argument("--plan", type=Path, default=None,
+                   help="plan JSON (effgen.plan/1): calibrated now (cached statistics are reused)")
+    q.add_argument("--scales", type=Path, default=None,
+                   help="calibration directory from `effgen calib` (plan.json + scales.safetensors): "
+                   "no calibration")
+    q.add_argument("--target", choices=["trt", "trt-orin", "ort-cpu"], default=None,
+                   help="what the graphs are lowered for (default: the plan's target)")
+    q.add_argument("--n-calib", type=int, default=32, help="calibration prompts/labels (with --plan)")
+    q.add_argument("--calib-steps", type=int, default=None,
+                   help="sampler steps of the calibration runs (default: the model's)")
+    q.add_argument("--ort-int8", choices=["u8u8", "s8s8"], default=None,
+                   help="int8 storage on ort-cpu (default u8u8: exact on AVX2 CPUs without VNNI, "
+                   "where ONNX Runtime's S8S8/U8S8 kernel saturates; s8s8 for VNNI or ARM CPUs)")
     return p
 
 
@@ -41,9 +59,18 @@ def main(argv=None) -> int:
     if args.checkpoint is not None and not args.checkpoint.is_dir():
         raise FileNotFoundError(f"checkpoint folder {args.checkpoint} does not exist")
     out = args.out or Path("build") / args.model
+    quantize = None
+    if args.plan is not None or args.scales is not None:
+        if args.ort_int8 is not None and (args.target or "ort-cpu") != "ort-cpu":
+            raise ValueError("--ort-int8 applies to --target ort-cpu")
+        quantize = {"plan": args.plan, "scales_dir": args.scales, "target": args.target,
+                    "n_calib": args.n_calib, "calib_steps": args.calib_steps,
+                    "int8_format": args.ort_int8}
+    elif args.target is not None or args.ort_int8 is not None:
+        raise ValueError("--target/--ort-int8 need --plan or --scales (a quantized export)")
     t0 = time.perf_counter()
     export_bundle(args.model, out, checkpoint=args.checkpoint, resolution=args.resolution,
-                  batch=args.batch)
+                  batch=args.batch, quantize=quantize)
     print(f"bundle written to {out} in {time.perf_counter() - t0:.1f}s")
     return 0
 

@@ -85,8 +85,23 @@ def model_entry(spec: ModelSpec, sample_size: int, factor: int) -> dict:
 
 def export_bundle(model: str, out: Path, checkpoint: Path | None = None,
                   resolution: int | None = None, batch: int = 2,
-                  log: Callable[[str], None] = print) -> Path:
-    """Export `model` into the bundle directory `out` (replaced if it exists)."""
+                  log: Callable[[str], None] = print, quantize: dict | None = None) -> Path:
+    """Export `model` into the bundle directory `out` (replaced if it exists).
+
+    `quantize`: keyword arguments of `quantized.prepare_quantization` (plan, scales_dir,
+    target, n_calib, calib_steps, int8_format): the denoiser becomes one QDQ graph per
+    timestep group sharing one weight file, with plan.json and scales.safetensors."""
+    from ..models.configs import get_spec
+
+    if get_spec(model).family == "ecar":  # two components, one graph per stage each
+        from .ecar_export import export_ecar_bundle
+
+        if quantize is not None:
+            raise ValueError(f"{model}: quantized export (--plan/--scales) covers PixArt and DiT")
+        if checkpoint is not None or resolution is not None:
+            raise ValueError(f"{model}: ECAR models export from their shipped weights at their "
+                             "own resolution (no --checkpoint / --resolution)")
+        return export_ecar_bundle(model, out, batch=batch, log=log)
     out = Path(out)
     checkpoint = Path(checkpoint) if checkpoint else None
     denoiser: Denoiser = load_denoiser(model, checkpoint)
@@ -98,17 +113,28 @@ def export_bundle(model: str, out: Path, checkpoint: Path | None = None,
             raise ValueError(f"--resolution {resolution} must be a multiple of "
                              f"{factor * spec.transformer['patch_size']} for {spec.name}")
         sample_size = resolution // factor
+    quant = None
+    if quantize is not None:
+        from .quantized import prepare_quantization
+
+        quant = prepare_quantization(denoiser, log=log, **quantize)
     out.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.partial-"))
     try:
         components = {}
         log(f"exporting denoiser of {spec.name} ({sum(p.numel() for p in denoiser.parameters()) / 1e6:.1f}M parameters, "
             f"{sample_size}x{sample_size}x{spec.in_channels}, batch {batch})")
-        graph = export_module(denoiser, denoiser.example_inputs(batch, sample_size=sample_size),
-                              denoiser.input_names, [OUTPUT], work, "denoiser")
-        n_train = spec.scheduler["num_train_timesteps"]
-        components["denoiser"] = _component(graph, timesteps=[0, n_train - 1])
-        log(f"  denoiser.onnx: ONNX Runtime vs PyTorch max error {graph.max_abs_error:.2e}")
+        if quant is not None:
+            from .quantized import export_quantized_denoiser
+
+            components["denoiser"] = export_quantized_denoiser(denoiser, quant, batch, sample_size,
+                                                               work, log, OUTPUT)
+        else:
+            graph = export_module(denoiser, denoiser.example_inputs(batch, sample_size=sample_size),
+                                  denoiser.input_names, [OUTPUT], work, "denoiser")
+            n_train = spec.scheduler["num_train_timesteps"]
+            components["denoiser"] = _component(graph, timesteps=[0, n_train - 1])
+            log(f"  denoiser.onnx: ONNX Runtime vs PyTorch max error {graph.max_abs_error:.2e}")
 
         if spec.text is not None and spec.text.encoder == "minilm":
             components["text_encoder"] = _export_minilm(spec, batch, work, log)

@@ -15,12 +15,17 @@ import numpy as np
 
 from .bundle import Bundle, BundleError
 from .pipeline import DenoisePipeline
+from .stage_pipeline import StagePipeline
 
-__all__ = ["Bundle", "BundleError", "DenoisePipeline", "generate", "load_pipeline"]
+__all__ = ["Bundle", "BundleError", "DenoisePipeline", "StagePipeline", "generate", "load_pipeline"]
 
 
-def load_pipeline(bundle: str | Path | Bundle, backend: str = "ort", threads: int = 0) -> DenoisePipeline:
-    """Load a bundle once and generate many times with `pipeline.generate(...)`."""
+def load_pipeline(bundle: str | Path | Bundle, backend: str = "ort", threads: int = 0):
+    """Load a bundle once and generate many times with `pipeline.generate(...)`: a
+    DenoisePipeline (PixArt, DiT) or, for ECAR bundles, a StagePipeline."""
+    bundle = bundle if isinstance(bundle, Bundle) else Bundle.load(bundle)
+    if bundle.model.get("family") == "ecar":
+        return StagePipeline(bundle, backend=backend, threads=threads)
     return DenoisePipeline(bundle, backend=backend, threads=threads)
 
 
@@ -35,6 +40,8 @@ def generate(bundle: str | Path | Bundle, *, prompt=None, prompt_embeds=None, cl
     negatives, see DenoisePipeline); class-conditional bundles take `class_label`. Steps and
     guidance default to the bundle's sampling defaults. Image i uses noise seeded `seed + i`.
     `output="latents"` returns the denoised latents instead (a bundle without a VAE decoder).
+    ECAR bundles take `class_label`; their `steps` is the head's total over the stages (split
+    in proportion to the bundle's per-stage counts) or a list with one count per stage.
     """
     pipe = load_pipeline(bundle, backend=backend, threads=threads)
     cond = {k: v for k, v in (("prompt", prompt), ("prompt_embeds", prompt_embeds),

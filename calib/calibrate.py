@@ -1,0 +1,266 @@
+"""The calibration flow (DESIGN §6): plan + model -> resolved plan + scales.
+
+    plan, scales = calibrate(denoiser, read_plan_file("samples/plans/w8a8.json"), "trt")
+    quantize_(denoiser, plan, scales)          # simulate what ships on the target
+
+Steps: resolve the plan against the model's quantizable modules (with the family's default
+FP layers); collect (or load cached) activation statistics from the FP sampler; choose the
+timestep groups; per quantized layer: the target's effective precision, the smoothing vector,
+the rotation, the weight scales of the transformed weight and one activation amax per
+timestep group.
+
+Plan `techniques` read here (besides plan.py's smoothing/rotation layer regexes):
+  smoothing: {alpha: 0.5 | {regex: alpha}, layers: [regex, ...]}
+  rotation: {layers: [regex, ...]}
+  act_scale: {method: "minmax" | "percentile" | "mse", percentile: 99.99}
+  timestep_grouping: {k: K} (equal contiguous groups) | {tolerance: 0.1} (ranges agree)
+An explicit `timestep_groups` in the plan wins over `timestep_grouping`.
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+
+from .balance import hadamard, rotated_layers, smooth_weight, smoothing_alphas, smoothing_vector
+from .plan import Plan, PlanError, resolve_plan
+from .quantizers import ACT_METHODS, search_amax, weight_scale
+from .scales import key
+from .stats import (Statistics, collect_statistics, encode_conditions, in_features, module_kind,
+                    quantizable_modules)
+from .targets import effective_precision
+from .timesteps import group_by_tolerance, group_fixed, groups_to_ranges
+
+# Layers that stay floating point unless a plan's rules or layers say otherwise: patch
+# embedders, timestep/caption embedders, the adaLN modulation linears (per-sample
+# conditioning, not per-token work) and the final layer.
+DEFAULT_FP = {
+    "pixart": [r"transformer\.pos_embed\..*", r"transformer\.adaln_single\..*",
+               r"transformer\.caption_projection\..*", r"transformer\.proj_out"],
+    "dit": [r"transformer\.pos_embed\..*", r"transformer\.transformer_blocks\.\d+\.norm1\..*",
+            r"transformer\.proj_out_1", r"transformer\.proj_out_2"],
+}
+
+
+def _num_train_timesteps(denoiser) -> int:
+    return int(denoiser.spec.scheduler.get("num_train_timesteps", 1000))
+
+
+def _act_scale_config(techniques: dict[str, Any]) -> tuple[str, float]:
+    cfg = techniques.get("act_scale") or {}
+    if not isinstance(cfg, dict):
+        raise PlanError("techniques.act_scale: expected an object {method, percentile}")
+    extra = set(cfg) - {"method", "percentile"}
+    if extra:
+        raise PlanError(f"techniques.act_scale: unknown key '{sorted(extra)[0]}' (allowed: method, percentile)")
+    method = cfg.get("method", "minmax")
+    if method not in ACT_METHODS:
+        raise PlanError(f"techniques.act_scale.method: {method!r} is not one of {', '.join(ACT_METHODS)}")
+    pct = cfg.get("percentile", 99.99)
+    if isinstance(pct, bool) or not isinstance(pct, (int, float)) or not 50 < pct <= 100:
+        raise PlanError(f"techniques.act_scale.percentile: expected a number in (50, 100], got {pct!r}")
+    return method, float(pct)
+
+
+def _grouping_config(techniques: dict[str, Any]) -> dict[str, Any]:
+    cfg = techniques.get("timestep_grouping") or {}
+    if not isinstance(cfg, dict) or len(set(cfg) & {"k", "tolerance"}) > 1 or set(cfg) - {"k", "tolerance"}:
+        raise PlanError("techniques.timestep_grouping: expected {\"k\": K} or {\"tolerance\": X}")
+    if "tolerance" in cfg:
+        tol = cfg["tolerance"]
+        if isinstance(tol, bool) or not isinstance(tol, (int, float)) or tol < 0:
+            raise PlanError(f"techniques.timestep_grouping.tolerance: expected a number >= 0, got {tol!r}")
+    return cfg
+
+
+def resolve_for_model(denoiser, raw: dict[str, Any], target: str | None = None) -> Plan:
+    """Resolve a plan document for this model (family default-FP layers, its timestep
+    count) and check everything calibration needs from the plan, as PlanErrors."""
+    if not isinstance(raw, dict):
+        raise PlanError("a plan must be a JSON object")
+    raw = copy.deepcopy(raw)
+    if target is not None:
+        raw["target"] = target
+    modules = quantizable_modules(denoiser)
+    plan = resolve_plan(raw, list(modules), DEFAULT_FP.get(denoiser.spec.family, []),
+                        _num_train_timesteps(denoiser))
+    source_model = plan.model
+    plan.model = denoiser.spec.name
+    if source_model and source_model != plan.model:
+        plan.provenance = {**plan.provenance, "plan_written_for": source_model}
+    _act_scale_config(plan.techniques)
+    _grouping_config(plan.techniques)
+    quantized = plan.quantized()
+    smoothing_alphas(plan.techniques, quantized)
+    rotated_layers(plan.techniques, {n: (module_kind(modules[n]), in_features(modules[n]))
+                                     for n in quantized})
+    for name, prec in quantized.items():
+        m = modules[name]
+        block = prec.block_size
+        if block and module_kind(m) == "linear" and m.in_features % block:
+            raise PlanError(f"layers.{name}.w_granularity: {prec.w_granularity} needs the input "
+                            f"features ({m.in_features}) to be a multiple of {block}")
+    return plan
+
+
+def choose_timestep_groups(plan: Plan, stats: Statistics, layers: Sequence[str], explicit: bool,
+                           num_train_timesteps: int) -> list[tuple[int, int]]:
+    if explicit:
+        return plan.timestep_groups
+    cfg = _grouping_config(plan.techniques)
+    n = len(stats.timesteps)
+    if "k" in cfg:
+        groups = group_fixed(n, cfg["k"])
+    elif "tolerance" in cfg:
+        groups = group_by_tolerance(stats.layer_ranges(layers), float(cfg["tolerance"]))
+    else:
+        return [(0, num_train_timesteps - 1)]
+    return groups_to_ranges(stats.timesteps, groups, num_train_timesteps)
+
+
+def _steps_of_group(timesteps: Sequence[int], lo: int, hi: int) -> list[int]:
+    idx = [i for i, t in enumerate(timesteps) if lo <= t <= hi]
+    if not idx:  # the sampler never visits this range: use the nearest visited step
+        mid = (lo + hi) / 2
+        idx = [int(np.argmin([abs(t - mid) for t in timesteps]))]
+    return idx
+
+
+def activation_amax(stats: Statistics, name: str, ranges: Sequence[tuple[int, int]], bits: int,
+                    method: str, percentile: float, smooth: torch.Tensor | None,
+                    rot: torch.Tensor | None) -> torch.Tensor:
+    """(G,) amax of the activation as it is quantized (divided by `smooth`, rotated by `rot`)
+    per timestep group. Min-max is exact (from per-channel absmax) without rotation; after a
+    rotation, which mixes channels, it is the max over the sampled and the largest-norm rows.
+    The percentile and MSE searches run on the uniform row sample."""
+    absmax, rows, top = stats.absmax[name], stats.rows[name], stats.top[name]
+    out = []
+    for lo, hi in ranges:
+        idx = _steps_of_group(stats.timesteps, lo, hi)
+        x = rows[idx].reshape(-1, rows.shape[-1])
+        a = absmax[idx].amax(dim=0)
+        if smooth is not None:
+            x, a = x / smooth, a / smooth
+        upper = float(a.max())
+        if rot is not None:
+            extreme = top[idx].reshape(-1, top.shape[-1])
+            extreme = (extreme if smooth is None else extreme / smooth) @ rot
+            x = x @ rot
+            upper = max(float(x.abs().max()), float(extreme.abs().max()))
+        out.append(search_amax(x, bits, method, percentile, upper))
+    return torch.tensor(out, dtype=torch.float32)
+
+
+def calibrate(denoiser, plan_raw: dict[str, Any], target: str | None = None, *,
+              stats: Statistics | None = None, items: Sequence | None = None, n_calib: int = 32,
+              steps: int | None = None, guidance: float | None = None,
+              use_cache: bool = True, cache=None, progress: bool = True,
+              log: Callable[[str], None] | None = None) -> tuple[Plan, dict[str, torch.Tensor]]:
+    """Resolve `plan_raw` for `denoiser`, calibrate it for `target` (default: the plan's) and
+    return the resolved plan (timestep groups, provenance.effective, ...) and its scales."""
+    plan = resolve_for_model(denoiser, plan_raw, target)
+    explicit_groups = plan_raw.get("timestep_groups") is not None
+    modules = quantizable_modules(denoiser)
+    quantized = plan.quantized()
+    effective = {n: effective_precision(p, module_kind(modules[n]), plan.target)
+                 for n, p in quantized.items()}
+    if stats is None:
+        stats = collect_statistics(denoiser, items=items, n_calib=n_calib, steps=steps,
+                                   guidance=guidance, use_cache=use_cache, cache=cache,
+                                   progress=progress, log=log)
+    missing = [n for n, e in effective.items() if not e.is_fp and n not in stats.absmax]
+    if missing:
+        raise ValueError(f"no statistics for {missing[0]} (the FP sampler never ran it)")
+    act_layers = [n for n, e in effective.items() if e.a_bits < 16]
+    n_train = _num_train_timesteps(denoiser)
+    plan.timestep_groups = choose_timestep_groups(plan, stats, act_layers or list(stats.absmax),
+                                                  explicit_groups, n_train)
+    method, pct = _act_scale_config(plan.techniques)
+    alphas = smoothing_alphas(plan.techniques, [n for n, e in effective.items() if not e.is_fp])
+    rotated = rotated_layers(plan.techniques, {n: (module_kind(modules[n]), in_features(modules[n]))
+                                               for n, e in effective.items() if not e.is_fp})
+    scales: dict[str, torch.Tensor] = {}
+    for name, eff in sorted(effective.items()):
+        if eff.is_fp:
+            continue
+        w = modules[name].weight.detach().float()
+        s = None
+        if name in alphas:
+            s = smoothing_vector(stats.absmax[name].amax(dim=0), w, alphas[name])
+            scales[key(name, "smooth")] = s
+            w = smooth_weight(w, s)
+        rot = hadamard(w.shape[1]) if name in rotated else None
+        if rot is not None:
+            w = w @ rot
+        if eff.w_bits < 16:
+            scales[key(name, "w_scale")] = weight_scale(w, eff.w_bits, eff.w_granularity)
+        if eff.a_bits < 16:
+            scales[key(name, "a_amax")] = activation_amax(stats, name, plan.timestep_groups,
+                                                          eff.a_bits, method, pct, s, rot)
+    plan.provenance = {
+        **{k: v for k, v in plan.provenance.items()
+           if k not in ("effective", "smoothing", "rotation", "calibration")},
+        "effective": {n: e.to_json() for n, e in sorted(effective.items())},
+        "smoothing": {n: a for n, a in sorted(alphas.items())},
+        "rotation": sorted(rotated),
+        "calibration": {"statistics": stats.meta.get("key", ""), "n_items": stats.meta.get("n_items"),
+                        "steps": stats.meta.get("steps"), "guidance": stats.meta.get("guidance"),
+                        "scheduler": stats.meta.get("scheduler"), "noise_seed": stats.meta.get("noise_seed"),
+                        "sampler_timesteps": list(stats.timesteps), "act_scale": method,
+                        **({"percentile": pct} if method == "percentile" else {})},
+    }
+    return plan, scales
+
+
+# --- sampling ----------------------------------------------------------------------------
+
+
+def sample_items(spec, n: int) -> tuple[list, list]:
+    """The evaluation convention of `effgen eval`: `refdata.eval_prompts(n)`; captions for
+    text models, class ids for class-conditional ones. Returns (items, attributes)."""
+    from ..models import refdata
+
+    attrs = refdata.eval_prompts(n)
+    if spec.family == "dit":
+        return [a.class_id % spec.num_classes for a in attrs], attrs
+    return [a.caption for a in attrs], attrs
+
+
+@torch.no_grad()
+def generate_images(denoiser, items: Sequence, seed: int = 0, steps: int | None = None,
+                    guidance: float | None = None, batch: int = 16, progress: bool = True,
+                    desc: str = "sampling") -> np.ndarray:
+    """uint8 images (N, H, W, 3) from the PyTorch sampler, image i from
+    `runtime.pipeline.initial_noise` seed + i, as the runtime seeds them. A simulated model
+    (quantize_) gets its timestep from the sampler's on_step."""
+    from tqdm import tqdm
+
+    from ..models.sampling import sample
+    from ..runtime.images import to_uint8
+    from ..runtime.pipeline import initial_noise
+    from .simulate import _ATTR
+
+    spec = denoiser.spec
+    if spec.latent_space:
+        raise ValueError(f"{spec.name} denoises latents: images need its VAE "
+                         "(export a bundle from a checkpoint with a vae/ and use effgen generate)")
+    steps = int(steps or spec.steps)
+    guidance = float(spec.guidance if guidance is None else guidance)
+    n = len(items)
+    noise = initial_noise((spec.in_channels, spec.sample_size, spec.sample_size), seed, n)
+    cond, uncond, cmask, umask = encode_conditions(spec, items)
+    ctx = getattr(denoiser, _ATTR, None)
+    out = []
+    with tqdm(total=n, desc=desc, unit="img", file=sys.stderr, disable=not progress) as bar:
+        for start in range(0, n, batch):
+            sl = slice(start, start + batch)
+            x = sample(denoiser, noise[sl], cond[sl], uncond[sl], spec.scheduler, steps, guidance,
+                       None if cmask is None else cmask[sl], None if umask is None else umask[sl],
+                       on_step=None if ctx is None else ctx.on_step)
+            out.append(x.numpy())
+            bar.update(len(out[-1]))
+    return to_uint8(np.concatenate(out))

@@ -1,0 +1,47 @@
+"""What a plan costs in weight memory on a target (DESIGN §8: weight bytes, as a ratio
+against FP on the same target)."""
+
+from __future__ import annotations
+
+import torch
+
+from .plan import Plan
+from .stats import module_kind, quantizable_modules
+from .targets import effective_precision
+
+
+def fp_bytes(target: str) -> int:
+    """Bytes of one floating-point value as the target runs FP: fp16 on TensorRT, fp32 on
+    ONNX Runtime CPU."""
+    return 2 if target.startswith("trt") else 4
+
+
+def weight_bytes(denoiser: torch.nn.Module, plan: Plan | None = None, target: str | None = None) -> int:
+    """Bytes of the denoiser's weights as they ship on `target` (default: the plan's; without
+    a plan: everything FP). Quantized weights count w_bits/8 bytes each plus one FP scale per
+    output channel or block; everything else (biases, norms, embeddings, FP layers,
+    smoothing vectors) counts as FP. Pass the FP model, not a quantize_'d one."""
+    target = target or (plan.target if plan is not None else "trt")
+    b = fp_bytes(target)
+    modules = quantizable_modules(denoiser)
+    quantized: dict[str, tuple] = {}
+    if plan is not None:
+        smoothed = set((plan.provenance or {}).get("smoothing", {}))
+        for name, prec in plan.quantized().items():
+            eff = effective_precision(prec, module_kind(modules[name]), target)
+            if not eff.is_fp and eff.w_bits < 16:
+                quantized[name] = (eff, name in smoothed)
+    total = 0
+    for pname, p in denoiser.state_dict().items():
+        owner, _, leaf = pname.rpartition(".")
+        if owner in quantized and leaf == "weight":
+            eff, smoothed = quantized[owner]
+            rows = p.shape[0]
+            k = p.numel() // rows
+            n_scales = rows * (k // eff.block_size if eff.block_size else 1)
+            total += (p.numel() * eff.w_bits + 7) // 8 + n_scales * b
+            if smoothed:
+                total += p.shape[1] * b
+        else:
+            total += p.numel() * b
+    return int(total)

@@ -1,0 +1,314 @@
+"""Activation statistics of the FP model along its own sampling trajectories (DESIGN §6).
+
+The FP sampler (models/sampling.py) runs over calibration prompts or labels; a forward
+pre-hook on every quantizable Linear/Conv records, per sampler step:
+  - the absmax of every input channel (exact, over all images, tokens and both CFG halves);
+  - a uniform random subsample of whole input rows (tokens; pixels for a Conv), at most
+    `budget` values per layer and step, for the percentile and MSE searches. Whole rows, not
+    single values, so the searches can run on the activation exactly as it will be quantized:
+    divided by a smoothing vector and rotated;
+  - the TOP_ROWS rows of largest L2 norm per step: a rotation mixes channels, so the
+    per-channel absmax no longer gives the max of the rotated activation, and the uniform
+    sample misses its extremes (on dit-ref by ~30%); the extreme rows of the rotated tensor
+    are among the rows of largest norm.
+Statistics are the expensive part and are cached by model (name + weights hash), data and
+sampler (scheduler config, steps, guidance) under $EFFGEN_CACHE or ~/.cache/effgen.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from ..models import refdata
+from ..models.configs import ModelSpec
+from ..models.denoiser import Denoiser
+
+STATS_FORMAT = "effgen.stats/2"
+TOP_ROWS = 8  # largest-norm rows kept per layer and step
+DEFAULT_BUDGET = 2048  # sampled activation values per layer per step
+CALIB_SEED = 999  # calibration prompts and noise; evaluation uses other seeds
+QUANTIZABLE = (torch.nn.Linear, torch.nn.Conv2d)
+
+
+def quantizable_modules(denoiser: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    """Every Linear and Conv2d, by module path (`transformer.<diffusers path>`)."""
+    return {n: m for n, m in denoiser.named_modules() if isinstance(m, QUANTIZABLE)}
+
+
+def module_kind(m: torch.nn.Module) -> str:
+    return "conv" if isinstance(m, torch.nn.Conv2d) else "linear"
+
+
+def in_features(m: torch.nn.Module) -> int:
+    return m.in_features if isinstance(m, torch.nn.Linear) else m.in_channels
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("EFFGEN_CACHE") or Path.home() / ".cache" / "effgen")
+
+
+def weights_hash(module: torch.nn.Module) -> str:
+    h = hashlib.sha256()
+    for name, t in sorted(module.state_dict().items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+# --- calibration data --------------------------------------------------------------------
+
+
+def calibration_items(spec: ModelSpec, n: int, prompt_file: str | Path | None = None,
+                      seed: int = CALIB_SEED) -> list:
+    """Captions (text-conditioned models) or class labels (class-conditional ones).
+
+    Default: `refdata.eval_prompts(n, seed=999)`, a held-out set drawn with another seed than
+    evaluation. A prompt file has one caption (or, for a class-conditional model, one
+    integer label) per line; the first `n` lines are used."""
+    if prompt_file is not None:
+        path = Path(prompt_file)
+        if not path.is_file():
+            raise FileNotFoundError(f"calibration prompt file {path} does not exist")
+        lines = [ln.strip() for ln in path.read_text().splitlines() if ln.strip()]
+        if not lines:
+            raise ValueError(f"{path}: no prompts")
+        lines = lines[:n] if n else lines
+        if spec.family == "dit":
+            try:
+                labels = [int(x) for x in lines]
+            except ValueError:
+                raise ValueError(f"{path}: {spec.name} is class-conditional, the prompt file "
+                                 "must hold one integer class label per line") from None
+            bad = [x for x in labels if not 0 <= x < spec.num_classes]
+            if bad:
+                raise ValueError(f"{path}: class label {bad[0]} is not in 0..{spec.num_classes - 1}")
+            return labels
+        return lines
+    attrs = refdata.eval_prompts(n, seed=seed)
+    if spec.family == "dit":
+        return [a.class_id % spec.num_classes for a in attrs]
+    return [a.caption for a in attrs]
+
+
+def _seeded_states(text: str, length: int, dim: int) -> torch.Tensor:
+    seed = int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little")
+    return torch.randn(length, dim, generator=torch.Generator().manual_seed(seed))
+
+
+def encode_conditions(spec: ModelSpec, items: Sequence) -> tuple[torch.Tensor, torch.Tensor,
+                                                                  torch.Tensor | None, torch.Tensor | None]:
+    """(cond, uncond, cond_mask, uncond_mask) for `sample()`, with the runtime's conventions:
+    class label `num_classes` is "no class"; the unconditional text is the empty prompt.
+
+    Text models whose encoder effgen does not ship (T5: the tiny and real PixArt
+    architectures) get seeded Gaussian states per caption and zero states behind one valid
+    token for the unconditional branch (the runtime's convention without a negative prompt);
+    that is only meaningful for random-weight test models."""
+    n = len(items)
+    if spec.family == "dit":
+        cond = torch.tensor([int(x) for x in items], dtype=torch.long)
+        return cond, torch.full((n,), spec.num_classes, dtype=torch.long), None, None
+    if spec.text.encoder == "minilm":
+        from ..models.text_encoder import encode
+
+        states, mask = encode(list(items) + [""], max_length=spec.text.max_length)
+        return (states[:n], states[n:].expand(n, -1, -1).clone(), mask[:n],
+                mask[n:].expand(n, -1).clone())
+    L, D = spec.text.max_length, spec.text.dim
+    cond = torch.stack([_seeded_states(str(x), L, D) for x in items])
+    umask = torch.zeros(n, L)
+    umask[:, 0] = 1
+    return cond, torch.zeros(n, L, D), torch.ones(n, L), umask
+
+
+# --- statistics --------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Statistics:
+    """Per layer: `absmax` (T, C_in) per step and input channel; `rows` (T, R, C_in), a
+    uniform sample of input rows per step; `top` (T, TOP_ROWS, C_in), the rows of largest
+    L2 norm per step. `timesteps`: the sampler's timesteps in order."""
+
+    timesteps: list[int]
+    absmax: dict[str, torch.Tensor]
+    rows: dict[str, torch.Tensor]
+    top: dict[str, torch.Tensor]
+    meta: dict = dataclasses.field(default_factory=dict)
+
+    def layer_ranges(self, layers: Sequence[str] | None = None) -> np.ndarray:
+        """(T, L) tensor absmax per step and layer."""
+        layers = list(self.absmax) if layers is None else list(layers)
+        return np.stack([self.absmax[n].amax(dim=1).numpy() for n in layers], axis=1)
+
+    def save(self, path: Path) -> None:
+        from safetensors.torch import save_file
+
+        from .scales import _atomic_write_bytes
+
+        tensors = {}
+        for n in self.absmax:
+            tensors[f"{n}::absmax"] = self.absmax[n].contiguous()
+            tensors[f"{n}::rows"] = self.rows[n].contiguous()
+            tensors[f"{n}::top"] = self.top[n].contiguous()
+        meta = {"format": STATS_FORMAT, "timesteps": json.dumps(self.timesteps),
+                "meta": json.dumps(self.meta, sort_keys=True)}
+        _atomic_write_bytes(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+
+    @classmethod
+    def load(cls, path: Path) -> "Statistics":
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+        if meta.get("format") != STATS_FORMAT:
+            raise ValueError(f"{path}: not an {STATS_FORMAT} file")
+        tensors = load_file(str(path))
+        parts: dict[str, dict] = {"absmax": {}, "rows": {}, "top": {}}
+        for k, v in tensors.items():
+            name, _, what = k.rpartition("::")
+            parts[what][name] = v
+        return cls(json.loads(meta["timesteps"]), parts["absmax"], parts["rows"], parts["top"],
+                   json.loads(meta["meta"]))
+
+
+class _Recorder:
+    """Forward pre-hooks that fill per-step absmax and a bottom-k row sample."""
+
+    def __init__(self, modules: dict[str, torch.nn.Module], steps: int, budget: int, seed: int):
+        self.modules = modules
+        self.step = 0
+        self.gen = torch.Generator().manual_seed(seed)
+        self.absmax = {n: [None] * steps for n in modules}
+        self.rows = {n: [None] * steps for n in modules}
+        self.top = {n: [None] * steps for n in modules}
+        self.keys = {n: [None] * steps for n in modules}
+        self.cap = {n: max(1, budget // in_features(m)) for n, m in modules.items()}
+        self.handles = []
+
+    def __enter__(self):
+        for name, m in self.modules.items():
+            self.handles.append(m.register_forward_pre_hook(self._hook(name, module_kind(m))))
+        return self
+
+    def __exit__(self, *exc):
+        for h in self.handles:
+            h.remove()
+        self.handles.clear()
+
+    def _hook(self, name: str, kind: str):
+        def hook(module, args):
+            x = args[0].detach().float()
+            flat = x.movedim(1, -1) if kind == "conv" else x
+            flat = flat.reshape(-1, flat.shape[-1])
+            i = self.step
+            amax = flat.abs().amax(dim=0)
+            prev = self.absmax[name][i]
+            self.absmax[name][i] = amax if prev is None else torch.maximum(prev, amax)
+            # Bottom-k by random keys over everything seen: a uniform sample without
+            # replacement of all rows of this layer at this step, whatever the chunking.
+            keys = torch.rand(flat.shape[0], generator=self.gen)
+            k = min(self.cap[name], flat.shape[0])
+            sel = torch.topk(keys, k, largest=False).indices
+            rows, keys = flat[sel], keys[sel]
+            if self.rows[name][i] is not None:
+                rows = torch.cat([self.rows[name][i], rows])
+                keys = torch.cat([self.keys[name][i], keys])
+                if len(keys) > self.cap[name]:
+                    sel = torch.topk(keys, self.cap[name], largest=False).indices
+                    rows, keys = rows[sel], keys[sel]
+            self.rows[name][i], self.keys[name][i] = rows, keys
+            # The largest-norm rows, merged the same way.
+            top = flat[torch.topk(flat.norm(dim=1), min(TOP_ROWS, flat.shape[0])).indices]
+            if self.top[name][i] is not None:
+                top = torch.cat([self.top[name][i], top])
+                top = top[torch.topk(top.norm(dim=1), min(TOP_ROWS, top.shape[0])).indices]
+            self.top[name][i] = top
+
+        return hook
+
+
+def stats_key(denoiser: Denoiser, items: Sequence, scheduler: dict, steps: int,
+              guidance: float, seed: int, budget: int) -> tuple[str, dict]:
+    doc = {"format": STATS_FORMAT, "model": denoiser.spec.name,
+           "weights": weights_hash(denoiser), "data": list(items), "noise_seed": seed,
+           "scheduler": scheduler, "steps": steps, "guidance": guidance, "budget": budget,
+           "sample_size": denoiser.spec.sample_size}
+    text = json.dumps(doc, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest(), doc
+
+
+def collect_statistics(denoiser: Denoiser, items: Sequence | None = None, n_calib: int = 32,
+                       steps: int | None = None, guidance: float | None = None,
+                       scheduler: dict | None = None, seed: int = CALIB_SEED,
+                       budget: int = DEFAULT_BUDGET, batch: int = 16, use_cache: bool = True,
+                       cache: str | Path | None = None, progress: bool = True,
+                       log=None) -> Statistics:
+    """Statistics of every quantizable layer over the FP sampler, from the cache when this
+    model (weights), data and sampler were seen before."""
+    from tqdm import tqdm
+
+    from ..models.sampling import sample
+    from ..runtime.pipeline import initial_noise
+
+    spec = denoiser.spec
+    items = list(items) if items is not None else calibration_items(spec, n_calib, seed=seed)
+    steps = int(steps or spec.steps)
+    guidance = float(spec.guidance if guidance is None else guidance)
+    scheduler = dict(scheduler or spec.scheduler)
+    key, doc = stats_key(denoiser, items, scheduler, steps, guidance, seed, budget)
+    path = Path(cache or cache_dir()) / "stats" / f"{spec.name}-{key[:24]}.safetensors"
+    if use_cache and path.is_file():
+        try:
+            stats = Statistics.load(path)
+            if log:
+                log(f"statistics from cache {path}")
+            return stats
+        except Exception as e:  # a damaged cache entry is recomputed, not fatal
+            if log:
+                log(f"ignoring unreadable statistics cache {path}: {e}")
+
+    modules = quantizable_modules(denoiser)
+    n = len(items)
+    noise = initial_noise((spec.in_channels, spec.sample_size, spec.sample_size), seed, n)
+    cond, uncond, cmask, umask = encode_conditions(spec, items)
+    timesteps: list[int] = []
+    chunks = list(range(0, n, batch))
+    rec = _Recorder(modules, steps, budget, seed)
+    with rec, tqdm(total=steps * len(chunks), desc=f"calibration statistics ({spec.name})",
+                   unit="step", file=sys.stderr, disable=not progress) as bar:
+        for c, start in enumerate(chunks):
+            sl = slice(start, start + batch)
+
+            def on_step(i, t):
+                if i > 0:
+                    bar.update(1)
+                rec.step = i
+                if c == 0:
+                    timesteps.append(int(t))
+
+            sample(denoiser, noise[sl], cond[sl], uncond[sl], scheduler, steps, guidance,
+                   None if cmask is None else cmask[sl], None if umask is None else umask[sl],
+                   on_step=on_step)
+            bar.update(1)
+    seen = [n for n, v in rec.absmax.items() if all(a is not None for a in v)]  # called every step
+    stats = Statistics(timesteps, {n: torch.stack(rec.absmax[n]) for n in seen},
+                       {n: torch.stack(rec.rows[n]) for n in seen},
+                       {n: torch.stack(rec.top[n]) for n in seen},
+                       {**{k: v for k, v in doc.items() if k != "data"}, "n_items": n, "key": key})
+    if use_cache:
+        stats.save(path)
+        if log:
+            log(f"statistics cached in {path}")
+    return stats

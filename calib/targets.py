@@ -1,0 +1,66 @@
+"""What each planned precision becomes on each target (DESIGN §3): one table, used by the
+calibrator (to simulate what ships) and by the exporter (to lower what ships).
+
+Pure Python, like plan.py: the exporter reads it without torch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from .plan import FP, TARGETS, LayerPrecision, PlanError
+
+KINDS = ("linear", "conv")
+
+
+def effective_precision(prec: LayerPrecision, kind: str, target: str) -> LayerPrecision:
+    """The precision a layer of `kind` ("linear" | "conv") planned at `prec` really runs at on
+    `target` ("ort-cpu" | "trt" | "trt-orin").
+
+    - FP stays FP (fp32 on ONNX Runtime CPU, fp16 on TensorRT: the simulation runs fp32).
+    - 4-bit activations do not exist on any target: A4 -> A8.
+    - Conv: no 4-bit convolution anywhere (TensorRT: not supported; ONNX Runtime: no blocked
+      int4 Conv): W4 -> W8 per output channel; a blocked conv weight -> per channel. On
+      ONNX Runtime CPU a Conv stays FP: its QDQ Conv fuses (QLinearConv) only with a quantized
+      output, which the plan does not have; unfused it is slower than FP32 (DESIGN §9).
+    - TensorRT (desktop and Orin): no INT4 x INT8 GEMM, so a W4 Linear runs INT4 weight-only
+      (W4A16, activations not quantized); per-token dynamic activations are lowered to one
+      static per-tensor scale per timestep group.
+    - ONNX Runtime CPU: a W4 Linear with quantized activations becomes
+      DQ(int4, block) -> MatMulNBits with accuracy_level 4, which quantizes its input to int8
+      dynamically per row inside the op: simulated as per-token dynamic A8 (the op's
+      per-K-block scales are finer, so the simulation is slightly pessimistic). W8 layers
+      are S8S8 QDQ: per-token activations lowered to static per-tensor per group.
+    """
+    if target not in TARGETS:
+        raise PlanError(f"target: {target!r} is not one of {', '.join(TARGETS)}")
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    if prec.is_fp:
+        return FP
+    p = prec
+    if p.a_bits == 4:
+        p = dataclasses.replace(p, a_bits=8)
+    if kind == "conv":
+        if target == "ort-cpu":
+            return FP  # DESIGN §9: ORT CPU runs Conv in fp32 (a DQ->Conv with a float output
+            # does not fuse into QLinearConv and runs slower than FP32)
+        if p.w_bits == 4:
+            p = dataclasses.replace(p, w_bits=8)
+        if p.w_granularity != "per_channel":
+            p = dataclasses.replace(p, w_granularity="per_channel")
+        if p.a_granularity == "per_token":
+            p = dataclasses.replace(p, a_granularity="per_tensor")
+        return p
+    if target in ("trt", "trt-orin"):
+        if p.w_bits == 4 and p.a_bits < 16:
+            p = dataclasses.replace(p, a_bits=16, a_granularity="per_tensor")
+        if p.a_granularity == "per_token":
+            p = dataclasses.replace(p, a_granularity="per_tensor")
+        return p
+    # ort-cpu
+    if p.w_bits == 4 and p.a_bits < 16:
+        return dataclasses.replace(p, a_granularity="per_token")  # MatMulNBits, accuracy_level 4
+    if p.a_granularity == "per_token":
+        p = dataclasses.replace(p, a_granularity="per_tensor")
+    return p

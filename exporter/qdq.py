@@ -1,0 +1,1089 @@
+"""Bake a plan and its scales into an FP ONNX graph as QDQ (DESIGN §3, §4).
+
+Graph passes on the FP graph of `onnx_export.py` (onnx-graphsurgeon, numpy; no torch), each
+small and usable alone:
+
+    find_layers        plan module path -> the one MatMul/Gemm/Conv whose name scope is that
+                       path and whose weight (input 1) is a constant
+    smooth_weight      W diag(s) on the weight as stored (K axis)
+    rotate_weight      W H (the stored [K, N] MatMul weight becomes H^T W)
+    quantize_weight    int8 per output channel -> DequantizeLinear(axis = output channel of
+                       the weight as stored); int4 blockwise along K -> packed INT4 initializer
+                       + DequantizeLinear(axis = K, block_size) (opset 21)
+    smooth_activation  x * (1/s) before the layer: folded into the producer when it is a
+                       MatMul/Gemm with a constant (or DQ'd) weight feeding only this layer,
+                       else a Mul
+    rotate_activation  x @ H (H a constant orthonormal Hadamard matrix, one per size)
+    quantize_activation  QuantizeLinear -> DequantizeLinear per tensor, scale = amax / 127,
+                       int8 zero point 0
+    gemm_split_bias    (ort-cpu, int8) Gemm(A, B, C) -> Gemm(A, B) + Add(C): ONNX Runtime's
+                       CPU provider fuses DQ->Gemm into QGemm only without a float bias
+    gemm_to_matmul     (int4 on any target; FP weight with int8 activations on ort-cpu)
+                       Gemm -> MatMul([K, N]) + Add: DQ(int4)->MatMul (+ 1-D bias) becomes
+                       MatMulNBits; TensorRT blocks INT4 on axis 0 of a [K, N] weight
+    bias_to_2d         (int8) the bias Add after a quantized MatMul gets a [1, N] bias:
+                       ONNX Runtime 1.32's MatMulAddFusion turns MatMul + Add([N]) on a 3-D
+                       input into Reshape/Gemm and breaks the S8 QuantizeLinear it moves
+                       (session creation fails); a [1, N] bias is left alone and the QDQ
+                       MatMul fuses into MatMulIntegerToFloat. (An int4 MatMul keeps its
+                       1-D bias: MatMulNBits takes it; a [1, N] bias on a 2-D input makes
+                       MatMulAddFusion build a Gemm that stays unfused.)
+
+`lower(model, plan, scales, target)` runs them for every layer the plan quantizes, with the
+effective precision of the target (`calib.targets.effective_precision`), and
+`write_variants` writes one graph per timestep group that all point at one external weight
+file. `check_model` verifies a graph against a target's rules and names each violating node.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import numpy as np
+import onnx
+from onnx import TensorProto
+
+from ..calib.plan import LayerPrecision, Plan, TARGETS
+from ..calib.targets import effective_precision
+
+LAYER_OPS = ("MatMul", "Gemm", "Conv")
+QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
+MIN_OPSET = 21  # INT4 and blocked DequantizeLinear
+EPS = 1e-8  # calib.quantizers.EPS: the smallest amax / weight scale
+
+
+class QdqError(ValueError):
+    """A plan or graph that cannot be lowered; one line naming the layer or node."""
+
+
+def _gs():
+    import onnx_graphsurgeon as gs
+
+    return gs
+
+
+# --- plan module <-> graph node ----------------------------------------------------------
+
+
+def node_module(node_name: str) -> str:
+    """The module path of a TorchScript-exported node: `/transformer/transformer_blocks.0/
+    attn1/to_out.0/MatMul` -> `transformer.transformer_blocks.0.attn1.to_out.0` (the name
+    scope is the module path, one scope per module, the last part is the op)."""
+    parts = node_name.strip("/").split("/")
+    return ".".join(parts[:-1])
+
+
+@dataclasses.dataclass
+class Layer:
+    """One Linear/Conv of the model in the graph."""
+
+    module: str
+    node: Any  # gs.Node (MatMul, Gemm or Conv)
+    graph: Any = None  # the gs.Graph the node is in (passes add nodes to it)
+
+    @property
+    def op(self) -> str:
+        return self.node.op
+
+    @property
+    def scope(self) -> str:
+        """The node's name scope (`/transformer/transformer_blocks.0/attn1/to_q`): the names
+        of the nodes the passes add for this layer start with it."""
+        return self.node.name.rsplit("/", 1)[0]
+
+    @property
+    def kind(self) -> str:
+        return "conv" if self.op == "Conv" else "linear"
+
+    @property
+    def trans_b(self) -> bool:
+        return self.op == "Gemm" and bool(self.node.attrs.get("transB", 0))
+
+    @property
+    def out_axis(self) -> int:
+        """Axis of the output channel in the weight as stored: MatMul [K, N] -> 1, Gemm
+        [K, N] -> 1 or with transB [N, K] -> 0, Conv [O, I, kh, kw] -> 0."""
+        return 0 if self.op == "Conv" or self.trans_b else 1
+
+    @property
+    def k_axis(self) -> int:
+        """Axis of the input features (the reduction axis) in the weight as stored."""
+        return 1 if self.op == "Conv" or self.trans_b else 0
+
+    def weight_constant(self):
+        """The constant weight: input 1 itself, or the data of the DequantizeLinear feeding it."""
+        gs = _gs()
+        w = self.node.inputs[1]
+        if isinstance(w, gs.Constant):
+            return w
+        if len(w.inputs) == 1 and w.inputs[0].op == "DequantizeLinear":
+            data = w.inputs[0].inputs[0]
+            if isinstance(data, gs.Constant):
+                return data
+        raise QdqError(f"{self.module}: weight of {self.node.name} is not a constant")
+
+    def weight_shape(self) -> tuple[int, ...]:
+        return tuple(int(d) for d in self.weight_constant().shape)
+
+    @property
+    def in_features(self) -> int:
+        return self.weight_shape()[self.k_axis]
+
+    @property
+    def out_features(self) -> int:
+        return self.weight_shape()[self.out_axis]
+
+
+def _has_constant_weight(node) -> bool:
+    gs = _gs()
+    if len(node.inputs) < 2:
+        return False
+    w = node.inputs[1]
+    if isinstance(w, gs.Constant):
+        return True
+    return (len(w.inputs) == 1 and w.inputs[0].op == "DequantizeLinear"
+            and isinstance(w.inputs[0].inputs[0], gs.Constant))
+
+
+def all_layers(graph) -> dict[str, list[Layer]]:
+    """Every MatMul/Gemm/Conv with a constant weight, grouped by module path."""
+    out: dict[str, list[Layer]] = {}
+    for node in graph.nodes:
+        if node.op in LAYER_OPS and node.name and _has_constant_weight(node):
+            m = node_module(node.name)
+            out.setdefault(m, []).append(Layer(m, node, graph))
+    return out
+
+
+def find_layers(graph, modules: Iterable[str]) -> dict[str, Layer]:
+    """The graph layer of each module path; a QdqError naming the first module that has no
+    node, or more than one."""
+    import difflib
+
+    found = all_layers(graph)
+    out = {}
+    for m in modules:
+        hits = found.get(m, [])
+        if not hits:
+            close = difflib.get_close_matches(m, list(found), n=3, cutoff=0.5)
+            hint = f"; closest: {', '.join(close)}" if close else ""
+            raise QdqError(f"plan layer {m} has no MatMul/Gemm/Conv node with a constant weight "
+                           f"in the graph{hint}")
+        if len(hits) > 1:
+            raise QdqError(f"plan layer {m} matches {len(hits)} nodes "
+                           f"({', '.join(h.node.name for h in hits)})")
+        out[m] = hits[0]
+    return out
+
+
+def quantized_layers(model_or_graph) -> dict[str, str]:
+    """Module path -> 'W8A8' / 'W4A16' / ... of every MatMul/Gemm/Conv in a graph whose weight
+    comes through a DequantizeLinear (what a graph really quantizes)."""
+    graph = _as_graph(model_or_graph)
+    out = {}
+    for m, layers in all_layers(graph).items():
+        for layer in layers:
+            w = layer.node.inputs[1]
+            if not w.inputs or w.inputs[0].op != "DequantizeLinear":
+                continue
+            bits = 4 if _dtype_of(w.inputs[0].inputs[0]) in (TensorProto.INT4, TensorProto.UINT4) else 8
+            x = layer.node.inputs[0]
+            a = 8 if x.inputs and x.inputs[0].op == "DequantizeLinear" else 16
+            out[m] = f"W{bits}A{a}"
+    return out
+
+
+def _as_graph(model_or_graph):
+    gs = _gs()
+    return gs.import_onnx(model_or_graph) if isinstance(model_or_graph, onnx.ModelProto) else model_or_graph
+
+
+# --- tensors -----------------------------------------------------------------------------
+
+
+def _dtype_of(const) -> int:
+    from onnx_graphsurgeon.ir.tensor import LazyValues
+
+    if isinstance(const._values, LazyValues):
+        return int(const._values.tensor.data_type)
+    return onnx.helper.np_dtype_to_tensor_dtype(np.asarray(const.values).dtype)
+
+
+def _values(const) -> np.ndarray:
+    return np.asarray(const.values)
+
+
+def _np(x) -> np.ndarray:
+    """A numpy float32 copy of a scales entry (torch tensor or array)."""
+    if hasattr(x, "detach"):
+        x = x.detach().cpu().float().numpy()
+    return np.asarray(x, dtype=np.float32)
+
+
+def pack_int4(q: np.ndarray) -> bytes:
+    """Signed int4 values (int8 array in [-8, 7]) packed two per byte, low nibble first, as
+    ONNX stores INT4 (an odd count is padded with a zero nibble)."""
+    flat = np.asarray(q, np.int8).reshape(-1)
+    if flat.size and (flat.min() < -8 or flat.max() > 7):
+        raise ValueError("int4 values must be in [-8, 7]")
+    u = (flat.astype(np.uint8) & 0x0F)
+    if u.size % 2:
+        u = np.concatenate([u, np.zeros(1, np.uint8)])
+    return (u[0::2] | (u[1::2] << 4)).astype(np.uint8).tobytes()
+
+
+def int4_tensor(name: str, q: np.ndarray) -> onnx.TensorProto:
+    t = onnx.TensorProto()
+    t.name = name
+    t.data_type = TensorProto.INT4
+    t.dims.extend(int(d) for d in q.shape)
+    t.raw_data = pack_int4(q)
+    return t
+
+
+def hadamard(n: int) -> np.ndarray:
+    """The orthonormal Sylvester-Hadamard matrix of order n (a power of two), float32 — the
+    same matrix as `calib.balance.hadamard`."""
+    if n < 1 or n & (n - 1):
+        raise QdqError(f"a Hadamard rotation needs a power-of-two size, got {n}")
+    h = np.ones((1, 1), np.float64)
+    while h.shape[0] < n:
+        h = np.block([[h, h], [h, -h]])
+    return (h / math.sqrt(n)).astype(np.float32)
+
+
+def _const(name: str, values: np.ndarray):
+    values = np.asarray(values)
+    if not values.flags.c_contiguous:
+        values = values.copy(order="C")  # (np.ascontiguousarray would make a scalar 1-D)
+    return _gs().Constant(name, values)
+
+
+def _k_shape(layer: Layer, ndim: int) -> tuple[int, ...]:
+    shape = [1] * ndim
+    shape[layer.k_axis] = -1
+    return tuple(shape)
+
+
+# --- weight passes -----------------------------------------------------------------------
+
+
+def _set_weight(layer: Layer, values: np.ndarray, suffix: str) -> None:
+    """Give the layer a new constant weight (never edit a constant in place: the exporter
+    may share one initializer between nodes)."""
+    layer.node.inputs[1] = _const(f"{layer.module}.weight{suffix}", values.astype(np.float32))
+
+
+def smooth_weight(layer: Layer, s: np.ndarray) -> None:
+    """W diag(s): the weight's input column j times s_j (the K axis as stored)."""
+    if not isinstance(layer.node.inputs[1], _gs().Constant):
+        raise QdqError(f"{layer.module}: smooth the weight before quantizing it")
+    w = _values(layer.node.inputs[1]).astype(np.float32)
+    s = _np(s)
+    if s.shape != (w.shape[layer.k_axis],):
+        raise QdqError(f"{layer.module}.smooth has shape {s.shape}, the layer has "
+                       f"{w.shape[layer.k_axis]} input features")
+    _set_weight(layer, w * s.reshape(_k_shape(layer, w.ndim)), "_smoothed")
+
+
+def rotate_weight(layer: Layer, h: np.ndarray) -> None:
+    """W H for the Linear weight W (out, in): the stored [K, N] weight becomes H^T W_kn
+    (Gemm with transB: [N, K] becomes W H)."""
+    if layer.kind != "linear":
+        raise QdqError(f"{layer.module}: only Linear layers can be rotated")
+    w = _values(layer.node.inputs[1]).astype(np.float32)
+    rotated = w @ h if layer.trans_b else h.T @ w
+    _set_weight(layer, rotated, "_rotated")
+
+
+def _block_for_per_channel(k: int) -> int:
+    for b in (128, 64, 32, 16):
+        if k % b == 0:
+            return b
+    return k
+
+
+INT8_FORMATS = ("s8s8", "u8u8")
+
+
+def quantize_weight(layer: Layer, bits: int, granularity: str, w_scale, int8_format: str = "s8s8") -> None:
+    """Replace the FP weight by an int8 (per output channel) or int4 (blockwise along K)
+    initializer and a DequantizeLinear, with the scales as given (the scales file's
+    `L.w_scale`: (out,) or (out, K // block)). An int4 per-channel weight is written as
+    blocks along K that repeat the channel's scale (identical numbers; TensorRT and ONNX
+    Runtime want INT4 blocked). `int8_format="u8u8"`: the same int8 grid stored as uint8 with
+    zero point 128 (identical numbers; see `lower`)."""
+    gs = _gs()
+    if int8_format not in INT8_FORMATS:
+        raise QdqError(f"int8 format must be one of {', '.join(INT8_FORMATS)}, got {int8_format!r}")
+    if not isinstance(layer.node.inputs[1], gs.Constant):
+        raise QdqError(f"{layer.module}: the weight is already quantized")
+    w = _values(layer.node.inputs[1]).astype(np.float32)
+    scale = _np(w_scale)
+    m, out_axis, k_axis = layer.module, layer.out_axis, layer.k_axis
+    n_out, k = w.shape[out_axis], int(np.prod(w.shape)) // w.shape[out_axis]
+    qmax = 2 ** (bits - 1) - 1
+    if bits == 4 and layer.kind == "conv":
+        raise QdqError(f"{m}: no int4 convolution (the target table makes it W8)")
+    if bits not in (4, 8):
+        raise QdqError(f"{m}: weight bits must be 4 or 8, got {bits}")
+    if granularity == "per_channel":
+        if scale.shape != (n_out,):
+            raise QdqError(f"{m}.w_scale has shape {scale.shape}, per-channel needs ({n_out},)")
+    else:
+        block = int(granularity[5:])
+        if layer.kind != "linear" or scale.shape != (n_out, k // block) or k % block:
+            raise QdqError(f"{m}.w_scale has shape {scale.shape}, {granularity} needs "
+                           f"({n_out}, {k // block if block else '?'})")
+    scale = np.maximum(scale, np.float32(EPS / qmax)).astype(np.float32)
+    dq_inputs: list = []
+    attrs: dict[str, int] = {}
+    if bits == 8:
+        bshape = [1] * w.ndim
+        bshape[out_axis] = n_out
+        if scale.ndim != 1:
+            raise QdqError(f"{m}: int8 weights are quantized per output channel, not {granularity}")
+        q = np.clip(np.round(w / scale.reshape(bshape)), -qmax - 1, qmax).astype(np.int8)
+        zp = np.zeros(n_out, np.int8)
+        if int8_format == "u8u8":
+            q, zp = (q.astype(np.int16) + 128).astype(np.uint8), np.full(n_out, 128, np.uint8)
+        data = _const(f"{m}.weight_quantized", q)
+        dq_inputs = [data, _const(f"{m}.weight_scale", scale), _const(f"{m}.weight_zero_point", zp)]
+        attrs = {"axis": out_axis}
+    else:
+        if scale.ndim == 1:  # per channel: one scale repeated over blocks along K
+            block = _block_for_per_channel(k)
+            scale = np.repeat(scale[:, None], k // block, axis=1)
+        else:
+            block = k // scale.shape[1]
+        # scale (out, K // block) -> laid out like the stored weight, blocked along K.
+        s_stored = scale.T if out_axis == 1 else scale
+        s_full = np.repeat(s_stored, block, axis=k_axis)
+        q = np.clip(np.round(w / s_full), -qmax - 1, qmax).astype(np.int8)
+        from onnx_graphsurgeon.ir.tensor import LazyValues
+
+        data = gs.Constant(f"{m}.weight_quantized", LazyValues(int4_tensor(f"{m}.weight_quantized", q)))
+        dq_inputs = [data, _const(f"{m}.weight_scale", np.ascontiguousarray(s_stored))]
+        attrs = {"axis": k_axis, "block_size": int(block)}
+    out = gs.Variable(f"{m}.weight_dequantized", dtype=np.float32, shape=list(w.shape))
+    dq = gs.Node("DequantizeLinear", f"{layer.scope}/weight/DequantizeLinear", attrs=attrs,
+                 inputs=dq_inputs, outputs=[out])
+    layer.node.inputs[1] = out
+    layer.graph.nodes.append(dq)
+
+
+# --- activation passes -------------------------------------------------------------------
+
+
+def _insert_before(graph, layer: Layer, op: str, name: str, inputs_after_x: list, attrs=None,
+                   out_name: str | None = None):
+    """x -> op(x, *inputs_after_x) -> layer: only this layer sees the new tensor."""
+    gs = _gs()
+    x = layer.node.inputs[0]
+    y = gs.Variable(out_name or f"{name}_output", dtype=np.float32, shape=x.shape)
+    node = gs.Node(op, name, attrs=attrs or {}, inputs=[x, *inputs_after_x], outputs=[y])
+    graph.nodes.append(node)
+    layer.node.inputs[0] = y
+    return node
+
+
+def _foldable_producer(layer: Layer):
+    """(producer layer node, bias Add node or None) when the layer's input is produced by a
+    MatMul/Gemm with a constant or DQ'd weight (plus an optional constant-bias Add) whose
+    output feeds nothing else."""
+    gs = _gs()
+    x = layer.node.inputs[0]
+    if len(x.outputs) != 1 or len(x.inputs) != 1:
+        return None
+    prod = x.inputs[0]
+    add = None
+    if prod.op == "Add":
+        a, b = prod.inputs
+        var, const = (a, b) if isinstance(b, gs.Constant) else (b, a)
+        if not isinstance(const, gs.Constant) or len(var.inputs) != 1 or len(var.outputs) != 1:
+            return None
+        add, prod = prod, var.inputs[0]
+    if prod.op not in ("MatMul", "Gemm") or not _has_constant_weight(prod):
+        return None
+    if prod.op == "Gemm" and (prod.attrs.get("alpha", 1.0) != 1.0 or prod.attrs.get("beta", 1.0) != 1.0):
+        return None
+    return prod, add
+
+
+def smooth_activation(graph, layer: Layer, s: np.ndarray, fold: bool = True) -> str:
+    """Multiply the layer's input by 1/s: folded into the producer's output channels when
+    the producer is a MatMul/Gemm with a constant weight (FP: the weight columns; quantized:
+    its per-channel / per-block DequantizeLinear scale) and bias feeding only this layer;
+    else a Mul. Returns "folded" or "mul"."""
+    gs = _gs()
+    inv = (np.float32(1.0) / _np(s)).astype(np.float32)
+    found = _foldable_producer(layer) if fold else None
+    if found is not None:
+        prod, add = found
+        p = Layer(node_module(prod.name), prod)
+        n_out = p.out_features
+        if n_out == inv.shape[0]:
+            w = prod.inputs[1]
+            if isinstance(w, gs.Constant):
+                vals = _values(w).astype(np.float32)
+                shape = [1] * vals.ndim
+                shape[p.out_axis] = -1
+                prod.inputs[1] = _const(f"{p.module}.weight_folded_{layer.module}", vals * inv.reshape(shape))
+            else:
+                dq = w.inputs[0]
+                sc = _values(dq.inputs[1]).astype(np.float32)
+                if sc.ndim == 0 or sc.size == 1:
+                    return _smooth_mul(graph, layer, inv)  # a per-tensor weight scale cannot fold
+                # per channel (N,) on the out axis, or blocked: (K/B, N) or (N, K/B)
+                if sc.ndim == 1:
+                    new = sc * inv
+                else:
+                    shape = [1, 1]
+                    shape[p.out_axis] = -1
+                    new = sc * inv.reshape(shape)
+                dq.inputs[1] = _const(f"{p.module}.weight_scale_folded_{layer.module}", new)
+            if prod.op == "Gemm" and len(prod.inputs) > 2:
+                c = prod.inputs[2]
+                prod.inputs[2] = _const(f"{p.module}.bias_folded_{layer.module}",
+                                        _values(c).astype(np.float32) * inv)
+            if add is not None:
+                ci = 1 if isinstance(add.inputs[1], gs.Constant) else 0
+                add.inputs[ci] = _const(f"{p.module}.bias_folded_{layer.module}",
+                                        _values(add.inputs[ci]).astype(np.float32) * inv)
+            return "folded"
+    return _smooth_mul(graph, layer, inv)
+
+
+def _smooth_mul(graph, layer: Layer, inv: np.ndarray) -> str:
+    shape = (1, -1, 1, 1) if layer.kind == "conv" else (-1,)
+    _insert_before(graph, layer, "Mul", f"{layer.scope}/smooth/Mul",
+                   [_const(f"{layer.module}.inv_smooth", inv.reshape(shape))])
+    return "mul"
+
+
+def rotate_activation(graph, layer: Layer, h_const) -> None:
+    """x @ H before the layer (H: a shared constant orthonormal matrix)."""
+    if layer.kind != "linear":
+        raise QdqError(f"{layer.module}: only Linear layers can be rotated")
+    _insert_before(graph, layer, "MatMul", f"{layer.scope}/rotate/MatMul", [h_const])
+
+
+def activation_scale_name(module: str) -> str:
+    return f"{module}.input_scale"
+
+
+def quantize_activation(graph, layer: Layer, amax: float, int8_format: str = "s8s8") -> None:
+    """QuantizeLinear -> DequantizeLinear on the layer's input, per tensor, int8, zero point
+    0, scale amax / 127 (the scale is a scalar initializer named `<module>.input_scale`, the
+    one thing that differs between timestep variants). `int8_format="u8u8"`: uint8 with zero
+    point 128, the same grid."""
+    gs = _gs()
+    scale = _act_scale(amax)
+    sc = _const(activation_scale_name(layer.module), np.array(scale, np.float32))
+    zp = _const(f"{layer.module}.input_zero_point",
+                np.array(128, np.uint8) if int8_format == "u8u8" else np.array(0, np.int8))
+    base = f"{layer.scope}/input"
+    x = layer.node.inputs[0]
+    xq = gs.Variable(f"{layer.module}.input_quantized", dtype=zp.values.dtype, shape=x.shape)
+    xd = gs.Variable(f"{layer.module}.input_dequantized", dtype=np.float32, shape=x.shape)
+    graph.nodes.append(gs.Node("QuantizeLinear", f"{base}/QuantizeLinear", inputs=[x, sc, zp], outputs=[xq]))
+    graph.nodes.append(gs.Node("DequantizeLinear", f"{base}/DequantizeLinear", inputs=[xq, sc, zp], outputs=[xd]))
+    layer.node.inputs[0] = xd
+
+
+def _act_scale(amax: float) -> np.float32:
+    """calib.quantizers.fake_quant_per_tensor: max(amax, EPS) / 127 in float32."""
+    return np.float32(max(np.float32(amax), np.float32(EPS))) / np.float32(127)
+
+
+# --- ONNX Runtime CPU shaping ------------------------------------------------------------
+
+
+def _check_plain_gemm(node) -> None:
+    a = node.attrs
+    if a.get("alpha", 1.0) != 1.0 or a.get("beta", 1.0) != 1.0 or a.get("transA", 0):
+        raise QdqError(f"{node.name}: Gemm with alpha/beta/transA is not supported")
+
+
+def gemm_split_bias(graph, layer: Layer) -> bool:
+    """Gemm(A, B, C) -> Gemm(A, B) + Add(C) (any weight). ONNX Runtime fuses DQ->Gemm into
+    QGemm only without a float bias (measured: with one, the DQs stay and Gemm runs fp32)."""
+    gs = _gs()
+    node = layer.node
+    if node.op != "Gemm" or len(node.inputs) < 3:
+        return False
+    _check_plain_gemm(node)
+    bias = node.inputs[2]
+    y = node.outputs[0]
+    g_out = gs.Variable(f"{layer.module}.gemm_output", dtype=np.float32)
+    del node.inputs[2]
+    node.outputs.clear()
+    node.outputs.append(g_out)
+    graph.nodes.append(gs.Node("Add", f"{layer.scope}/Add",
+                               inputs=[g_out, bias], outputs=[y]))
+    return True
+
+
+def gemm_to_matmul(graph, layer: Layer) -> None:
+    """Gemm(A, B, C) -> MatMul(A, B as [K, N]) + Add(C) (FP weight; run before
+    quantize_weight): ONNX Runtime fuses DQ(int4)->MatMul (+ a 1-D bias Add) into
+    MatMulNBits, and TensorRT blocks INT4 along axis 0 of a [K, N] weight."""
+    gs = _gs()
+    node = layer.node
+    if node.op != "Gemm":
+        return
+    _check_plain_gemm(node)
+    w = _values(node.inputs[1]).astype(np.float32)
+    if layer.trans_b:
+        w = w.T
+    bias = node.inputs[2] if len(node.inputs) > 2 else None
+    y = node.outputs[0]
+    mm_out = gs.Variable(f"{layer.module}.matmul_output", dtype=np.float32) if bias is not None else y
+    node.op = "MatMul"
+    node.name = f"{layer.scope}/MatMul"
+    node.attrs = {}
+    x = node.inputs[0]
+    node.inputs.clear()
+    node.inputs.extend([x, _const(f"{layer.module}.weight_kn", np.ascontiguousarray(w))])
+    if bias is not None:
+        node.outputs.clear()
+        node.outputs.append(mm_out)
+        graph.nodes.append(gs.Node("Add", f"{layer.scope}/Add",
+                                   inputs=[mm_out, bias], outputs=[y]))
+
+
+def bias_to_2d(layer: Layer) -> bool:
+    """MatMul -> Add(constant [N]) becomes Add(constant [1, N]) (see the module doc)."""
+    gs = _gs()
+    if layer.op != "MatMul":
+        return False
+    y = layer.node.outputs[0]
+    if len(y.outputs) != 1 or y.outputs[0].op != "Add":
+        return False
+    add = y.outputs[0]
+    for i, t in enumerate(add.inputs):
+        if isinstance(t, gs.Constant) and len(t.shape) == 1:
+            add.inputs[i] = _const(f"{layer.module}.bias_1xn", _values(t).reshape(1, -1))
+            return True
+    return False
+
+
+# --- the whole lowering ------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class LayerLowering:
+    module: str
+    op: str
+    planned: LayerPrecision
+    effective: LayerPrecision
+    smooth: str | None = None  # "mul" | "folded" | None
+    rotate: bool = False
+    input_scale: str | None = None  # the activation-scale initializer (differs per variant)
+    shares_input_with: str | None = None  # a layer whose Mul/Q/DQ path this one reuses
+
+    def to_json(self) -> dict[str, Any]:
+        out = {"op": self.op, "planned": self.planned.to_json(), "effective": self.effective.to_json(),
+               "precision": _describe(self.effective), "smooth": self.smooth, "rotate": self.rotate}
+        if self.shares_input_with:
+            out["shares_input_with"] = self.shares_input_with
+        return out
+
+
+def _describe(p: LayerPrecision) -> str:
+    if p.is_fp:
+        return "FP"
+    extra = [g for g, on in ((p.w_granularity, p.w_bits < 16 and p.w_granularity != "per_channel"),
+                             (p.a_granularity, p.a_bits < 16 and p.a_granularity != "per_tensor")) if on]
+    return f"W{p.w_bits}A{p.a_bits}" + (f" ({', '.join(extra)})" if extra else "")
+
+
+def _scale(scales: Mapping[str, Any], layer: str, what: str):
+    return scales.get(f"{layer}.{what}")
+
+
+def plan_layers(graph, plan: Plan, target: str) -> dict[str, tuple[Layer, LayerPrecision]]:
+    """Every layer the plan quantizes, found in the graph, with its effective precision on
+    `target` (layers that are FP on the target are left out)."""
+    if target not in TARGETS:
+        raise QdqError(f"target: {target!r} is not one of {', '.join(TARGETS)}")
+    layers = find_layers(graph, sorted(plan.quantized()))
+    out = {}
+    for m, layer in layers.items():
+        eff = effective_precision(plan.layers[m], layer.kind, target)
+        if not eff.is_fp:
+            out[m] = (layer, eff)
+    return out
+
+
+def rotated_modules(plan: Plan, layers: Mapping[str, Layer]) -> list[str]:
+    """The layers the plan rotates: `plan.provenance["rotation"]` when the calibrator wrote
+    it, else `calib.balance.rotated_layers` over the plan's techniques (as the simulation)."""
+    if "rotation" in plan.provenance:
+        return [m for m in plan.provenance["rotation"] if m in layers]
+    from ..calib.balance import rotated_layers
+
+    return rotated_layers(plan.techniques, {m: (l.kind, l.in_features) for m, l in layers.items()})
+
+
+def default_int8_format(target: str) -> str:
+    """TensorRT: S8S8 (INT8, zero point 0). ONNX Runtime CPU: U8U8 with zero point 128 — the
+    same symmetric int8 grid, stored shifted. Measured (ORT 1.32, AVX2 without VNNI): MLAS's
+    U8S8 kernel, which S8S8 runs on, sums u8*s8 pairs in int16 (vpmaddubsw) and saturates
+    with full-range int8 weights: a QDQ MatMul is 29-30 dB from the exact int8 result, while
+    the U8U8 kernel is exact (148 dB) at ~1.2x the U8S8 GEMM time. On CPUs with VNNI (or ARM
+    sdot) S8S8 is exact: export with int8_format="s8s8" for them."""
+    return "u8u8" if target == "ort-cpu" else "s8s8"
+
+
+def lower(model: onnx.ModelProto, plan: Plan, scales: Mapping[str, Any], target: str,
+          group: int = 0, fold_smoothing: bool = True, int8_format: str | None = None
+          ) -> tuple[onnx.ModelProto, dict[str, LayerLowering]]:
+    """The FP graph with the plan's quantization for `target`, activation scales of timestep
+    group `group`. Layers the plan keeps FP (or that are FP on the target) are untouched."""
+    gs = _gs()
+    int8_format = int8_format or default_int8_format(target)
+    if int8_format == "u8u8" and target != "ort-cpu":
+        raise QdqError("TensorRT takes only signed INT8 with zero point 0 (int8 format s8s8)")
+    if not 0 <= group < len(plan.timestep_groups):
+        raise QdqError(f"timestep group {group} does not exist ({len(plan.timestep_groups)} groups)")
+    graph = gs.import_onnx(model)
+    todo = plan_layers(graph, plan, target)
+    rotated = set(rotated_modules(plan, {m: l for m, (l, _) in todo.items()}))
+    report: dict[str, LayerLowering] = {}
+    hadamards: dict[int, Any] = {}
+    # Weights first (smooth, rotate, quantize), then the activation paths, so that a
+    # smoothing folded into a quantized producer scales its final DequantizeLinear.
+    for m, (layer, eff) in sorted(todo.items()):
+        rep = report[m] = LayerLowering(m, layer.op, plan.layers[m], eff)
+        if layer.op == "Gemm" and (eff.w_bits == 4 or (target == "ort-cpu" and eff.w_bits == 16)):
+            gemm_to_matmul(graph, layer)
+        elif layer.op == "Gemm" and target == "ort-cpu":
+            gemm_split_bias(graph, layer)
+        s = _scale(scales, m, "smooth")
+        if s is not None:
+            smooth_weight(layer, s)
+        if m in rotated:
+            n = layer.in_features
+            if n not in hadamards:
+                hadamards[n] = _const(f"hadamard_{n}", hadamard(n))
+            rotate_weight(layer, _values(hadamards[n]))
+            rep.rotate = True
+        if eff.w_bits < 16:
+            w_scale = _scale(scales, m, "w_scale")
+            if w_scale is None:
+                raise QdqError(f"scales: no {m}.w_scale for a {eff.w_bits}-bit weight")
+            quantize_weight(layer, eff.w_bits, eff.w_granularity, w_scale, int8_format)
+        if eff.w_bits == 8:  # ORT must open every target's graph (trt bundles run on ORT too)
+            bias_to_2d(layer)
+    # Layers that read the same tensor through the same path (smoothing vector, rotation,
+    # activation amax of every group: q/k/v without smoothing) share one Mul/MatMul/Q/DQ.
+    paths: dict[tuple, tuple[str, Any]] = {}
+    for m, (layer, eff) in sorted(todo.items()):
+        rep = report[m]
+        s = _scale(scales, m, "smooth")
+        quant_act = eff.a_bits < 16 and eff.a_granularity == "per_tensor"
+        amax = _scale(scales, m, "a_amax") if quant_act else None
+        if quant_act and (amax is None or _np(amax).shape != (len(plan.timestep_groups),)):
+            raise QdqError(f"scales: {m}.a_amax must have one value per timestep group "
+                           f"({len(plan.timestep_groups)})")
+        key = (layer.node.inputs[0].name, None if s is None else _np(s).tobytes(), rep.rotate,
+               None if amax is None else _np(amax).tobytes())
+        if key in paths and (s is not None or rep.rotate or quant_act):
+            first, tensor = paths[key]
+            layer.node.inputs[0] = tensor
+            rep.smooth, rep.input_scale, rep.shares_input_with = (
+                report[first].smooth, report[first].input_scale, first)
+            continue
+        if s is not None:
+            rep.smooth = smooth_activation(graph, layer, s, fold=fold_smoothing)
+        if rep.rotate:
+            rotate_activation(graph, layer, hadamards[layer.in_features])
+        if quant_act:
+            quantize_activation(graph, layer, float(_np(amax)[group]), int8_format)
+            rep.input_scale = activation_scale_name(m)
+        # per-token A8 exists only as ort-cpu W4 (MatMulNBits quantizes its input itself).
+        paths[key] = (m, layer.node.inputs[0])
+    constants_to_initializers(graph)
+    graph.cleanup().toposort()
+    out = gs.export_onnx(graph)
+    out.ir_version = max(model.ir_version, 10)
+    del out.opset_import[:]
+    out.opset_import.extend(model.opset_import)
+    for op in out.opset_import:
+        if op.domain in ("", "ai.onnx") and op.version < MIN_OPSET:
+            op.version = MIN_OPSET
+    return out, report
+
+
+def constants_to_initializers(graph, min_bytes: int = 1024) -> int:
+    """Constant nodes of at least `min_bytes` (the TorchScript exporter writes e.g. PixArt's
+    positional embedding, 4.7 MB at 512 px, as one) become initializers, so that they go to
+    the shared weight file instead of into every variant graph. Returns how many."""
+    gs = _gs()
+    n = 0
+    for node in list(graph.nodes):
+        if node.op != "Constant" or "value" not in node.attrs or len(node.outputs) != 1:
+            continue
+        value = node.attrs["value"]
+        if not isinstance(value, gs.Constant) or value.values.nbytes < min_bytes:
+            continue
+        out = node.outputs[0]
+        const = gs.Constant(out.name + "_initializer", value.values)
+        for consumer in list(out.outputs):
+            for i, t in enumerate(consumer.inputs):
+                if t is out:
+                    consumer.inputs[i] = const
+        for i, t in enumerate(graph.outputs):
+            if t is out:  # a graph output cannot be an initializer: leave this one
+                break
+        else:
+            node.outputs.clear()
+            n += 1
+    return n
+
+
+def group_activation_scales(plan: Plan, scales: Mapping[str, Any], report: Mapping[str, LayerLowering],
+                            group: int) -> dict[str, np.float32]:
+    """Initializer name -> activation scale of timestep group `group`."""
+    out = {}
+    for m, rep in report.items():
+        if rep.input_scale is not None:
+            out[rep.input_scale] = _act_scale(float(_np(scales[f"{m}.a_amax"])[group]))
+    return out
+
+
+def variant_file(name: str, group: int, n_groups: int) -> str:
+    return f"{name}.onnx" if n_groups == 1 else f"{name}.g{group}.onnx"
+
+
+def write_variants(model: onnx.ModelProto, plan: Plan, scales: Mapping[str, Any], target: str,
+                   out_dir: Path, name: str, fold_smoothing: bool = True,
+                   int8_format: str | None = None) -> tuple[list[str], str, dict[str, LayerLowering]]:
+    """One lowered graph per timestep group in `out_dir`, all pointing at ONE external weight
+    file `<name>.weights`, written once with group 0; the other groups' graphs are group 0's
+    with other activation-scale initializers (inline scalars, the only inline initializers)
+    and the same external references (location, offset, length). Returns (graph files,
+    weight file, report)."""
+    out_dir = Path(out_dir)
+    weights = f"{name}.weights"
+    k = len(plan.timestep_groups)
+    lowered, report = lower(model, plan, scales, target, 0, fold_smoothing, int8_format)
+    files = [variant_file(name, g, k) for g in range(k)]
+    # Every initializer but the activation scales goes to the shared file (even small
+    # biases: inline they would be copied into every variant graph).
+    act = set(group_activation_scales(plan, scales, report, 0))
+    keep = [t for t in lowered.graph.initializer if t.name in act]
+    rest = [t for t in lowered.graph.initializer if t.name not in act]
+    del lowered.graph.initializer[:]
+    lowered.graph.initializer.extend(rest)
+    (out_dir / weights).unlink(missing_ok=True)  # onnx appends to an existing file
+    onnx.save_model(lowered, str(out_dir / files[0]), save_as_external_data=True,
+                    all_tensors_to_one_file=True, location=weights, size_threshold=0)
+    del lowered, rest
+    os.chmod(out_dir / weights, 0o644)  # onnx creates it private; a bundle is meant to be copied
+    base = onnx.load(str(out_dir / files[0]), load_external_data=False)
+    base.graph.initializer.extend(keep)
+    onnx.save_model(base, str(out_dir / files[0]))
+    inits = {t.name: t for t in base.graph.initializer}
+    for g in range(1, k):
+        for init_name, value in group_activation_scales(plan, scales, report, g).items():
+            t = inits[init_name]
+            if t.data_location == TensorProto.EXTERNAL:
+                raise QdqError(f"{init_name}: an activation scale went to the external file")
+            t.CopyFrom(onnx.numpy_helper.from_array(np.array(value, np.float32), init_name))
+        onnx.save_model(base, str(out_dir / files[g]))
+    return files, weights, report
+
+
+def external_initializers(model: onnx.ModelProto) -> list[dict[str, Any]]:
+    """{name, data_type, dims, location, offset, length} of every initializer stored in an
+    external file (what the runtime maps once and hands to every variant session)."""
+    out = []
+    for t in model.graph.initializer:
+        if t.data_location != TensorProto.EXTERNAL:
+            continue
+        info = {e.key: e.value for e in t.external_data}
+        out.append({"name": t.name, "data_type": onnx.helper.tensor_dtype_to_np_dtype(t.data_type).name
+                    if t.data_type not in (TensorProto.INT4, TensorProto.UINT4) else
+                    onnx.helper.tensor_dtype_to_string(t.data_type),
+                    "dims": [int(d) for d in t.dims], "location": info["location"],
+                    "offset": int(info.get("offset", 0)), "length": int(info["length"])})
+    return out
+
+
+# --- target rules ------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Violation:
+    node: str
+    op: str
+    rule: str
+
+    def __str__(self) -> str:
+        return f"node {self.node} ({self.op}): {self.rule}"
+
+
+def _init_array(t: onnx.TensorProto, base_dir: Path | None) -> np.ndarray | None:
+    if t.data_location == TensorProto.EXTERNAL:
+        if base_dir is None:
+            return None
+        t = onnx.TensorProto.FromString(t.SerializeToString())
+        from onnx.external_data_helper import load_external_data_for_tensor
+
+        load_external_data_for_tensor(t, str(base_dir))
+    if t.data_type in (TensorProto.INT4, TensorProto.UINT4):
+        return None
+    return onnx.numpy_helper.to_array(t)
+
+
+def _k_axis_of(consumer: onnx.NodeProto) -> int:
+    if consumer.op_type == "Gemm":
+        tb = next((a.i for a in consumer.attribute if a.name == "transB"), 0)
+        return 1 if tb else 0
+    return 0
+
+
+def _out_axis_of(consumer: onnx.NodeProto, rank: int) -> int:
+    if consumer.op_type == "Conv":
+        return 0
+    if consumer.op_type == "Gemm":
+        tb = next((a.i for a in consumer.attribute if a.name == "transB"), 0)
+        return 0 if tb else 1
+    return rank - 1
+
+
+def check_model(model: onnx.ModelProto, target: str, base_dir: Path | None = None) -> list[Violation]:
+    """The nodes of `model` that break `target`'s rules (DESIGN §3):
+
+    all targets: Q/DQ scales constant, finite, > 0; zero points constant, all 0, signed (S8 /
+    S4: symmetric; ONNX Runtime CPU's recommended S8S8); activations per tensor; a Q feeds
+    only DQs; INT4 only as packed data of a weight DQ with one blocked axis (K) feeding a
+    MatMul/Gemm (no INT4 Conv), opset >= 21; per-channel weight scales on the output-channel
+    axis; a DQ output feeds only MatMul/Gemm/Conv (outputs stay in high precision).
+    ort-cpu also: an int8 weight DQ needs a quantized activation on the same MatMul/Gemm
+    (else it does not fuse and runs slower than FP32); no QDQ Conv (CPU Conv runs fp32; a DQ
+    Conv only fuses with a quantized output); QDQ Gemm without a float bias; INT4 DQ on axis 0
+    with a power-of-two block >= 16 feeding a MatMul (MatMulNBits).
+    """
+    if target not in TARGETS:
+        raise QdqError(f"target: {target!r} is not one of {', '.join(TARGETS)}")
+    g = model.graph
+    inits = {t.name: t for t in g.initializer}
+    consts = {o: n for n in g.node if n.op_type == "Constant" for o in n.output}
+    producers = {o: n for n in g.node for o in n.output}
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for n in g.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    opset = max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=0)
+    out: list[Violation] = []
+
+    def bad(node, rule):
+        out.append(Violation(node.name or f"<{node.op_type} -> {node.output[0]}>", node.op_type, rule))
+
+    def const_array(name):
+        if name in inits:
+            return _init_array(inits[name], base_dir)
+        if name in consts:
+            return onnx.numpy_helper.to_array(next(a.t for a in consts[name].attribute if a.name == "value"))
+        return None
+
+    def is_const(name):
+        return name in inits or name in consts
+
+    def dtype(name):
+        if name in inits:
+            return inits[name].data_type
+        if name in consts:
+            return next(a.t for a in consts[name].attribute if a.name == "value").data_type
+        return None
+
+    signed = (TensorProto.INT8, TensorProto.INT4)
+    for n in g.node:
+        if n.op_type not in QDQ_OPS:
+            continue
+        attrs = {a.name: a for a in n.attribute}
+        scale_name = n.input[1] if len(n.input) > 1 else ""
+        zp_name = n.input[2] if len(n.input) > 2 else ""
+        if not is_const(scale_name):
+            bad(n, "scale is not a constant initializer")
+            continue
+        s = const_array(scale_name)
+        if s is not None and not (np.all(np.isfinite(s)) and np.all(s > 0)):
+            bad(n, "scale must be finite and > 0")
+        data_name = n.input[0]
+        weight = n.op_type == "DequantizeLinear" and is_const(data_name)
+        data_type = dtype(data_name) if weight else None
+        if zp_name:
+            if not is_const(zp_name):
+                bad(n, "zero point is not a constant")
+            else:
+                zt = dtype(zp_name)
+                z = const_array(zp_name)
+                if zt == TensorProto.UINT8 and target == "ort-cpu":
+                    if z is not None and np.any(z != 128):
+                        bad(n, "UINT8 zero point other than 128 (quantization must be symmetric: "
+                            "U8 with zero point 128 is the int8 grid shifted)")
+                elif zt not in signed:
+                    bad(n, f"zero point type {onnx.helper.tensor_dtype_to_string(zt)} is not signed "
+                        "(symmetric S8/S4 quantization needs INT8/INT4, zero point 0)")
+                elif z is not None and np.any(z != 0):
+                    bad(n, "nonzero zero point (quantization must be symmetric)")
+        elif n.op_type == "QuantizeLinear":
+            od = attrs.get("output_dtype")
+            if od is None or od.i not in signed:
+                bad(n, "QuantizeLinear without a zero point produces UINT8: give an INT8 zero point 0")
+        elif weight and data_type not in signed:
+            bad(n, "weight data without a zero point must be INT8 or INT4")
+        block = attrs["block_size"].i if "block_size" in attrs else 0
+        axis = attrs["axis"].i if "axis" in attrs else 1
+        nscale = 1 if s is None else int(np.size(s))
+        if n.op_type == "QuantizeLinear":
+            if nscale != 1 and not is_const(data_name):
+                bad(n, f"activation quantized with {nscale} scales: activations must be per tensor")
+            for c in consumers.get(n.output[0], []):
+                if c.op_type != "DequantizeLinear":
+                    bad(n, f"QuantizeLinear output feeds {c.op_type} {c.name}, not a DequantizeLinear")
+            continue
+        # DequantizeLinear
+        users = consumers.get(n.output[0], [])
+        for c in users:
+            if c.op_type not in LAYER_OPS:
+                bad(n, f"dequantized tensor feeds {c.op_type} {c.name}: quantize only the inputs "
+                    "of MatMul/Gemm/Conv (outputs and other ops stay in high precision)")
+        if not weight:
+            if nscale != 1:
+                bad(n, f"activation dequantized with {nscale} scales: activations must be per tensor")
+            if block:
+                bad(n, "blocked DequantizeLinear on an activation")
+            if target == "ort-cpu":
+                for c in users:
+                    if c.op_type == "Conv":
+                        bad(c, "QDQ Conv: ONNX Runtime CPU runs Conv in fp32 (a DQ->Conv without a "
+                            "quantized output does not fuse and is slower than FP32)")
+            continue
+        # a weight DequantizeLinear
+        wt = inits.get(data_name)
+        rank = len(wt.dims) if wt is not None else 0
+        is4 = data_type in (TensorProto.INT4, TensorProto.UINT4)
+        if wt is not None and is4 and wt.HasField("raw_data") and wt.data_location != TensorProto.EXTERNAL:
+            numel = int(np.prod(wt.dims)) if len(wt.dims) else 1
+            if len(wt.raw_data) != (numel + 1) // 2:
+                bad(n, f"INT4 data of {numel} values takes {len(wt.raw_data)} bytes, packed is "
+                    f"{(numel + 1) // 2}")
+        if (is4 or block) and opset < MIN_OPSET:
+            bad(n, f"INT4 / blocked DequantizeLinear needs opset {MIN_OPSET}, the graph has {opset}")
+        for c in users:
+            if list(c.input).index(n.output[0]) != 1 and c.op_type in LAYER_OPS:
+                bad(n, f"constant DequantizeLinear feeds input 0 of {c.op_type} {c.name} (weights are input 1)")
+            if is4 and c.op_type == "Conv":
+                bad(n, f"INT4 weight on Conv {c.name}: 4-bit convolution is not supported (use W8)")
+        gemms = [c for c in users if c.op_type in ("MatMul", "Gemm")]
+        if is4 or block:
+            if not is4:
+                bad(n, "block quantization is only for INT4 weights")
+            if not block:
+                bad(n, "INT4 weight without block_size: INT4 must be blockwise with one blocked axis")
+            if rank != 2:
+                bad(n, f"blocked weight must be 2-D, got rank {rank}")
+            if s is not None and np.ndim(s) != rank:
+                bad(n, f"blocked scale must have the weight's rank ({rank}), got {np.ndim(s)}")
+            for c in gemms:
+                ka = _k_axis_of(c)
+                if block and axis % max(rank, 1) != ka:
+                    bad(n, f"blocked axis {axis} is not the K axis ({ka}) of {c.op_type} {c.name}")
+            if target == "ort-cpu" and is4:
+                if axis != 0 or block < 16 or block & (block - 1):
+                    bad(n, f"MatMulNBits needs axis 0 and a power-of-two block >= 16 (axis {axis}, "
+                        f"block {block})")
+                for c in users:
+                    if c.op_type != "MatMul":
+                        bad(n, f"INT4 weight feeds {c.op_type} {c.name}: ONNX Runtime fuses only "
+                            "DQ(int4)->MatMul into MatMulNBits")
+        else:
+            if nscale != 1:
+                for c in users:
+                    if c.op_type not in LAYER_OPS:
+                        continue
+                    oa = _out_axis_of(c, rank)
+                    if axis % max(rank, 1) != oa:
+                        bad(n, f"per-channel weight scale on axis {axis}; the output channel of "
+                            f"{c.op_type} {c.name} is axis {oa}")
+                    elif wt is not None and nscale != wt.dims[oa]:
+                        bad(n, f"{nscale} weight scales for {wt.dims[oa]} output channels")
+            if target == "ort-cpu":
+                for c in gemms:
+                    x = c.input[0]
+                    px = producers.get(x)
+                    if px is None or px.op_type != "DequantizeLinear" or is_const(px.input[0]):
+                        bad(c, "int8 weight with a float activation: ONNX Runtime CPU does not fuse "
+                            "it (weight-only int8 runs slower than FP32)")
+                    if c.op_type == "Gemm" and len(c.input) > 2 and c.input[2]:
+                        pb = producers.get(c.input[2])
+                        if pb is None or pb.op_type != "DequantizeLinear":
+                            bad(c, "QDQ Gemm with a float bias does not fuse into QGemm: "
+                                "no bias (Add after it) or an int32 DQ bias")
+    return out
+
+
+def check_file(path: Path, target: str) -> list[Violation]:
+    path = Path(path)
+    model = onnx.load(str(path), load_external_data=False)
+    return check_model(model, target, base_dir=path.parent)
+
+
+# --- what ONNX Runtime makes of a graph --------------------------------------------------
+
+
+def ort_optimized_nodes(path: Path, threads: int = 1,
+                        session_config: Mapping[str, str] | None = None) -> list[tuple[str, str]]:
+    """(op_type, name) of every node of the graph as ONNX Runtime's CPU provider runs it
+    (`SessionOptions.optimized_model_filepath`, all optimizations)."""
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory() as tmp:
+        opt = Path(tmp) / "optimized.onnx"
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        so.optimized_model_filepath = str(opt)
+        so.intra_op_num_threads = threads
+        so.log_severity_level = 3
+        so.add_session_config_entry("session.optimized_model_external_initializers_file_name",
+                                    "optimized.weights")
+        so.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes",
+                                    "1024")
+        for k, v in (session_config or {}).items():
+            so.add_session_config_entry(k, v)
+        ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        m = onnx.load(str(opt), load_external_data=False)
+        return [(n.op_type, n.name) for n in m.graph.node]
+
+
+def ort_unfused(path: Path, threads: int = 1) -> list[Violation]:
+    """Weight DequantizeLinear nodes that ONNX Runtime's CPU provider left unfused (each
+    is a float dequantization per call in front of a float kernel)."""
+    original = onnx.load(str(path), load_external_data=False)
+    inits = {t.name for t in original.graph.initializer}
+    weight_dq = {n.name for n in original.graph.node
+                 if n.op_type == "DequantizeLinear" and n.input[0] in inits}
+    try:
+        nodes = ort_optimized_nodes(path, threads)
+    except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph types
+        return [Violation(str(path.name), "session", f"ONNX Runtime could not create a session: "
+                          f"{str(e).splitlines()[0][:300]}")]
+    left = {name for op, name in nodes if op == "DequantizeLinear"}
+    return [Violation(name, "DequantizeLinear", "ONNX Runtime did not fuse this weight "
+                      "DequantizeLinear into an integer kernel") for name in sorted(weight_dq & left)]
+
+
+def describe_target_rules(target: str) -> str:
+    return {"trt": "TensorRT explicit quantization", "trt-orin": "TensorRT explicit quantization (Orin)",
+            "ort-cpu": "ONNX Runtime CPU integer kernels"}[target]
+

@@ -1,0 +1,217 @@
+"""The quantized denoiser of a bundle: plan + scales (calibrated now, or from `effgen calib`)
+baked into one QDQ graph per timestep group (DESIGN §3, §4), checked against the PyTorch
+simulation of the same plan, scales and target.
+
+    quant = prepare_quantization(denoiser, plan="samples/plans/w8a8.json", target="ort-cpu")
+    entry = export_quantized_denoiser(denoiser, quant, batch, sample_size, work_dir, log)
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from ..calib.plan import TARGETS, Plan, PlanError, read_plan_file
+from .onnx_export import OPSET, export_module
+
+SQNR_WARN_DB = 35.0  # ORT vs simulation below this is reported as a warning
+
+
+@dataclasses.dataclass
+class Quantization:
+    plan: Plan
+    scales: dict[str, Any]  # torch tensors, keys of calib.scales
+    target: str
+    source: str  # "calibrated" | the --scales directory
+    int8_format: str | None = None
+    fp_bundle: Path | None = None  # reuse this FP bundle's denoiser graph instead of exporting
+
+
+def prepare_quantization(denoiser, plan: str | Path | None = None, scales_dir: str | Path | None = None,
+                         target: str | None = None, n_calib: int = 32, calib_steps: int | None = None,
+                         int8_format: str | None = None, fp_bundle: str | Path | None = None,
+                         log: Callable[[str], None] = print) -> Quantization:
+    """Calibrate `plan` for `denoiser` on `target` (cached statistics are reused), or read a
+    calibration directory (plan.json + scales.safetensors from `effgen calib`). `fp_bundle`:
+    an FP bundle of the same model and shapes whose denoiser graph is lowered (no new
+    export)."""
+    from ..calib.calibrate import calibrate, resolve_for_model
+    from ..calib.scales import PLAN_FILE, SCALES_FILE, load_scales
+    from ..calib.targets import effective_precision
+    from ..calib.stats import module_kind, quantizable_modules
+
+    if target is not None and target not in TARGETS:
+        raise PlanError(f"--target: {target!r} is not one of {', '.join(TARGETS)}")
+    if scales_dir is not None:
+        scales_dir = Path(scales_dir)
+        if not (scales_dir / SCALES_FILE).is_file():
+            raise FileNotFoundError(f"{scales_dir} has no {SCALES_FILE} (a directory written by effgen calib)")
+        resolved = resolve_for_model(denoiser, read_plan_file(scales_dir / PLAN_FILE))
+        if plan is not None:
+            given = resolve_for_model(denoiser, read_plan_file(plan), resolved.target)
+            if given.layers != resolved.layers:
+                raise PlanError(f"--plan {plan} is not the plan {scales_dir / PLAN_FILE} was "
+                                "calibrated for: give only --scales, or recalibrate")
+        scales = load_scales(scales_dir / SCALES_FILE, resolved)
+        target = target or resolved.target
+        if target != resolved.target:
+            modules = quantizable_modules(denoiser)
+            differ = [n for n, p in resolved.quantized().items()
+                      if effective_precision(p, module_kind(modules[n]), target)
+                      != effective_precision(p, module_kind(modules[n]), resolved.target)]
+            if differ:
+                raise PlanError(f"--target {target}: {scales_dir} was calibrated for "
+                                f"{resolved.target}, and {differ[0]} runs at another precision on "
+                                f"{target}; recalibrate with --target {target}")
+        log(f"plan and scales from {scales_dir} ({resolved.target}, "
+            f"{len(resolved.timestep_groups)} timestep group(s))")
+        return Quantization(resolved, scales, target, str(scales_dir), int8_format,
+                            None if fp_bundle is None else Path(fp_bundle))
+    if plan is None:
+        raise PlanError("give --plan PLAN (calibrated now) or --scales DIR (from effgen calib)")
+    raw = read_plan_file(plan)
+    resolved, scales = calibrate(denoiser, raw, target, n_calib=n_calib, steps=calib_steps,
+                                 log=log, progress=False)
+    log(f"calibrated {Path(plan).name} for {resolved.target}: "
+        f"{len(resolved.timestep_groups)} timestep group(s) {resolved.timestep_groups}")
+    return Quantization(resolved, scales, resolved.target, "calibrated", int8_format,
+                        None if fp_bundle is None else Path(fp_bundle))
+
+
+def sqnr_db(ref: np.ndarray, out: np.ndarray) -> float:
+    ref = np.asarray(ref, np.float64)
+    err = float(((ref - np.asarray(out, np.float64)) ** 2).mean())
+    return float("inf") if err == 0 else float(10 * np.log10(float((ref ** 2).mean()) / err))
+
+
+def group_timestep(lo: int, hi: int) -> float:
+    return float((lo + hi) // 2)
+
+
+def simulated_model(denoiser, quant: Quantization):
+    """A copy of `denoiser` with the plan's layers swapped for their simulation."""
+    from ..calib.simulate import quantize_
+
+    sim = copy.deepcopy(denoiser)
+    quantize_(sim, quant.plan, quant.scales, quant.target)
+    return sim
+
+
+def simulation_sqnr(denoiser, quant: Quantization, path: Path, inputs: tuple, group: int,
+                    input_names, threads: int = 0, sim=None) -> float:
+    """SQNR (dB) of ONNX Runtime running the variant graph `path` against the PyTorch
+    simulation (`calib.simulate.quantize_`, same plan, scales and target) on `inputs`, at a
+    timestep inside the variant's group. TensorRT graphs run in ONNX Runtime without graph
+    optimizations (the reference semantics of Q/DQ). `sim`: a `simulated_model` to reuse."""
+    import onnxruntime as ort
+    import torch
+
+    from ..calib.simulate import sim_context
+
+    lo, hi = quant.plan.timestep_groups[group]
+    t = group_timestep(lo, hi)
+    b = inputs[0].shape[0]
+    feeds_t = (inputs[0], torch.full((b,), t), *inputs[2:])
+    sim = simulated_model(denoiser, quant) if sim is None else sim
+    sim_context(sim).set_timestep(t)
+    with torch.no_grad():
+        ref = sim(*feeds_t).numpy()
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.log_severity_level = 3
+    if quant.target != "ort-cpu":
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    out = sess.run(None, {n: x.numpy() for n, x in zip(input_names, feeds_t)})[0]
+    return sqnr_db(ref, out)
+
+
+def _fp_from_bundle(bundle_dir: Path, denoiser, inputs):
+    """The FP denoiser graph of an FP bundle of the same model, checked against `inputs`."""
+    from ..runtime.bundle import Bundle
+    from .onnx_export import ExportedGraph
+
+    bundle = Bundle.load(bundle_dir, verify_hashes=False)
+    entry = bundle.component("denoiser")
+    if bundle.model["name"] != denoiser.spec.name or entry.get("quantization") or len(entry["variants"]) != 1:
+        raise ValueError(f"{bundle_dir}: not an FP bundle of {denoiser.spec.name}")
+    shapes = [list(x.shape) for x in inputs]
+    if [i["shape"] for i in entry["inputs"]] != shapes:
+        raise ValueError(f"{bundle_dir}: denoiser inputs {[i['shape'] for i in entry['inputs']]} "
+                         f"differ from this export's {shapes}")
+    graph = ExportedGraph(entry["variants"][0]["onnx"], entry["external_data"], entry["inputs"],
+                          entry["outputs"], entry["max_abs_error"], entry["tolerance"])
+    return graph, bundle.path(graph.onnx)
+
+
+def export_quantized_denoiser(denoiser, quant: Quantization, batch: int, sample_size: int,
+                              work: Path, log: Callable[[str], None] = print,
+                              output: str = "model_output") -> dict[str, Any]:
+    """Write the denoiser's variant graphs, their shared `denoiser.weights`, `plan.json` and
+    `scales.safetensors` into `work`; return the manifest's component entry."""
+    import onnx
+
+    from ..calib.scales import PLAN_FILE, SCALES_FILE, plan_hash, write_calibration
+    from ..runtime.bundle import sha256_file
+    from . import qdq
+
+    plan, target = quant.plan, quant.target
+    inputs = denoiser.example_inputs(batch, sample_size=sample_size)
+    with tempfile.TemporaryDirectory(dir=work) as tmp:
+        if quant.fp_bundle is not None:
+            fp, fp_path = _fp_from_bundle(quant.fp_bundle, denoiser, inputs)
+            log(f"  FP denoiser from {quant.fp_bundle} (max error {fp.max_abs_error:.2e} at its export)")
+        else:
+            fp = export_module(denoiser, inputs, denoiser.input_names, [output], Path(tmp), "denoiser")
+            fp_path = Path(tmp) / fp.onnx
+            log(f"  FP denoiser: ONNX Runtime vs PyTorch max error {fp.max_abs_error:.2e}")
+        model = onnx.load(str(fp_path))
+        files, weights, report = qdq.write_variants(model, plan, quant.scales, target, work, "denoiser",
+                                                    int8_format=quant.int8_format)
+        del model
+    write_calibration(work, plan, quant.scales)
+    violations = [f"{f}: {v}" for f in files for v in qdq.check_file(work / f, target)]
+    if target == "ort-cpu" and not violations:  # the variants differ only in scale values
+        violations = [f"{files[0]}: {v}" for v in qdq.ort_unfused(work / files[0])]
+    if violations:
+        raise RuntimeError(f"lowered graph breaks the {target} rules: {violations[0]}"
+                           + (f" (and {len(violations) - 1} more)" if len(violations) > 1 else ""))
+    variants = []
+    sim = simulated_model(denoiser, quant)
+    for g, (f, (lo, hi)) in enumerate(zip(files, plan.timestep_groups)):
+        s = simulation_sqnr(denoiser, quant, work / f, inputs, g, denoiser.input_names, sim=sim)
+        note = "" if s >= SQNR_WARN_DB else f"  WARNING: below {SQNR_WARN_DB:.0f} dB"
+        log(f"  {f} (timesteps {lo}..{hi}): ONNX Runtime vs {target} simulation SQNR {s:.1f} dB{note}")
+        variants.append({"onnx": f, "engines": {}, "timesteps": [int(lo), int(hi)],
+                         "sqnr_vs_simulation_db": round(s, 2) if np.isfinite(s) else "inf"})
+    del sim
+    base = onnx.load(str(work / files[0]), load_external_data=False)
+    counts: dict[str, int] = {}
+    for r in report.values():
+        counts[r.to_json()["precision"]] = counts.get(r.to_json()["precision"], 0) + 1
+    n_layers = len(plan.layers)
+    counts["FP"] = n_layers - sum(counts.values())
+    log("  layers: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())))
+    fp_layers = {m: {"planned": p.to_json(), "precision": "FP"} for m, p in plan.layers.items()
+                 if m not in report}
+    int8_format = quant.int8_format or qdq.default_int8_format(target)
+    return {
+        "inputs": fp.inputs, "outputs": fp.outputs, "external_data": weights, "variants": variants,
+        "max_abs_error": fp.max_abs_error, "tolerance": fp.tolerance,
+        "quantization": {
+            "target": target, "int8_format": int8_format, "opset": OPSET,
+            "plan": PLAN_FILE, "scales": SCALES_FILE, "plan_sha256": plan_hash(plan),
+            "plan_file_sha256": sha256_file(work / PLAN_FILE),
+            "scales_sha256": sha256_file(work / SCALES_FILE), "source": quant.source,
+            "timestep_groups": [list(g) for g in plan.timestep_groups],
+            "summary": counts,
+            "layers": {**{m: r.to_json() for m, r in report.items()}, **fp_layers},
+        },
+        "shared_initializers": qdq.external_initializers(base),
+    }
+
