@@ -70,6 +70,17 @@ def shared_initializer_values(bundle: Bundle, entry: dict[str, Any]) -> dict[str
     return out
 
 
+def read_component_io(component, bundle: Bundle, name: str) -> dict[str, Any]:
+    """Set what every backend's component exposes from its manifest entry; returns the entry."""
+    entry = bundle.component(name)
+    component.name = name
+    component.variants = entry["variants"]
+    component.input_names = [i["name"] for i in entry["inputs"]]
+    component.output_names = [o["name"] for o in entry["outputs"]]
+    component.batch = entry["inputs"][0]["shape"][0]
+    return entry
+
+
 class OrtComponent:
     """One component on ONNX Runtime's CPU (or CUDA) provider.
 
@@ -98,12 +109,7 @@ class OrtComponent:
                  providers: list[str] | None = None, share_weights: bool | None = None):
         import onnxruntime as ort
 
-        entry = bundle.component(name)
-        self.name = name
-        self.variants = entry["variants"]
-        self.input_names = [i["name"] for i in entry["inputs"]]
-        self.output_names = [o["name"] for o in entry["outputs"]]
-        self.batch = entry["inputs"][0]["shape"][0]
+        entry = read_component_io(self, bundle, name)
         self._dtypes = {i["name"]: np.dtype(i["dtype"]) for i in entry["inputs"]}
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads

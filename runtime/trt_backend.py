@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .backends import variant_index
+from .backends import read_component_io, variant_index
 from .bundle import Bundle, BundleError
 from .cuda import DeviceBuffer, check, cudart, get_device_properties
 
@@ -50,12 +50,7 @@ class TrtComponent:
 
         check_engine_compatible(bundle.manifest.get("engines", {}).get(target), target,
                                 trt.__version__, get_device_properties(0))
-        entry = bundle.component(name)
-        self.name = name
-        self.variants = entry["variants"]
-        self.input_names = [i["name"] for i in entry["inputs"]]
-        self.output_names = [o["name"] for o in entry["outputs"]]
-        self.batch = entry["inputs"][0]["shape"][0]
+        entry = read_component_io(self, bundle, name)
         rt = cudart()
         self.stream = check(rt.cudaStreamCreate(), "cudaStreamCreate")
         self._runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
