@@ -9,7 +9,7 @@ Data: refdata.make_dataset(30000, "train", seed=0), pixels in [-1, 1], class = s
 (20 classes), 10% of labels replaced by the null class for classifier-free guidance. Loss:
 the multistage flow-matching loss of models/ecar.py (`ECAR.loss`: every stage at once, teacher
 forced). AdamW (betas 0.9/0.99, no weight decay), lr warm-up over 300 steps, gradient clipping
-at 1, EMA 0.999 — as dit-ref. The EMA weights are saved atomically every 500 steps and at the
+at 1, EMA 0.995 — as dit-ref. The EMA weights are saved atomically every 500 steps and at the
 end, with metadata (steps reached, batch, seed, loss, minutes, the ECAR config).
 
 Seeded and reproducible for a given --steps (a --minutes budget stops at a step count that
@@ -46,6 +46,8 @@ def main(argv=None):
     p.add_argument("--data-size", type=int, default=30_000, help="pictures drawn for training")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--ema", type=float, default=0.995,
+                   help="EMA decay of the saved weights (as samples/train_reference.py)")
     p.add_argument("--save-every", type=int, default=500)
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
@@ -78,7 +80,7 @@ def main(argv=None):
     def save(step: int, loss: float):
         save_checkpoint(ema, out, {"model": args.model, "steps": step, "batch": args.batch,
                                    "seed": args.seed, "lr": args.lr, "loss": f"{loss:.5f}",
-                                   "ema": "0.999", "train_minutes": f"{(time.time() - t0) / 60:.1f}"})
+                                   "ema": str(args.ema), "train_minutes": f"{(time.time() - t0) / 60:.1f}"})
 
     losses, step, start = [], 0, time.time()
     while step < args.steps:
@@ -92,7 +94,7 @@ def main(argv=None):
         opt.step()
         sched.step()
         step += 1
-        decay = min(0.999, (1 + step) / (10 + step))
+        decay = min(args.ema, (1 + step) / (10 + step))
         with torch.no_grad():
             for pe, pm in zip(ema.parameters(), model.parameters()):
                 pe.lerp_(pm, 1 - decay)
