@@ -180,7 +180,10 @@ def calibrate(denoiser, plan_raw: dict[str, Any], target: str | None = None, *,
     plan.timestep_groups = choose_timestep_groups(plan, stats, act_layers or list(stats.absmax),
                                                   explicit_groups, n_train)
     method, pct = _act_scale_config(plan.techniques)
-    alphas = smoothing_alphas(plan.techniques, [n for n, e in effective.items() if not e.is_fp])
+    # Smoothing moves activation outliers into the weights: it pays only where the target
+    # quantizes the activation. On a weight-only layer (W4A16 on TensorRT) it would only make
+    # the weight harder to quantize (and cost a Mul), so it is not applied there.
+    alphas = smoothing_alphas(plan.techniques, [n for n, e in effective.items() if e.a_bits < 16])
     rotated = rotated_layers(plan.techniques, {n: (module_kind(modules[n]), in_features(modules[n]))
                                                for n, e in effective.items() if not e.is_fp})
     scales: dict[str, torch.Tensor] = {}

@@ -300,10 +300,15 @@ def test_quantize_dit_tiny_w8a8_is_close_to_fp_and_w4a8_is_worse(dit_tiny, stats
     assert eff == {"w_bits": 4, "a_bits": 8, "w_granularity": "per_channel", "a_granularity": "per_token"}
     again = resolve_plan(json.loads(json.dumps(plan4.to_json())), list(plan4.layers))
     assert again.layers == plan4.layers
-    # On TensorRT the same plan is weight-only int4: activations not quantized, no amax.
-    plan4t, scales4t = calibrate(dit_tiny, w4, "trt", stats=stats)
+    # On TensorRT the same plan is weight-only int4: activations not quantized, no amax, and
+    # no smoothing (it would only move activation outliers into the int4 weights).
+    w4s = {**w4, "techniques": {"smoothing": {"alpha": 0.8, "layers": ["ff"]}}}
+    plan4t, scales4t = calibrate(dit_tiny, w4s, "trt", stats=stats)
     assert plan4t.provenance["effective"]["transformer.transformer_blocks.0.ff.net.2"]["a_bits"] == 16
-    assert not any(k.endswith(".a_amax") for k in scales4t)
+    assert not any(k.endswith(".a_amax") or k.endswith(".smooth") for k in scales4t)
+    assert plan4t.provenance["smoothing"] == {}
+    _, scales4o = calibrate(dit_tiny, w4s, "ort-cpu", stats=stats)
+    assert sum(k.endswith(".smooth") for k in scales4o) == 4  # ff.net.0.proj, ff.net.2 x 2 blocks
 
 
 def test_vidit_w8a8_plan_with_groups_smoothing_and_rotation(dit_tiny, stats):
