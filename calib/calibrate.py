@@ -10,7 +10,8 @@ the rotation, the weight scales of the transformed weight and one activation ama
 timestep group.
 
 Plan `techniques` read here (besides plan.py's smoothing/rotation layer regexes):
-  smoothing: {alpha: 0.5 | {regex: alpha}, layers: [regex, ...]}
+  smoothing: {alpha: 0.5 | {regex: alpha}, layers: [regex, ...]} (applied only where the
+             target quantizes the activation: not on weight-only W4A16 layers)
   rotation: {layers: [regex, ...]}
   act_scale: {method: "minmax" | "percentile" | "mse", percentile: 99.99}
   timestep_grouping: {k: K} (equal contiguous groups) | {tolerance: 0.1} (ranges agree)
