@@ -99,7 +99,16 @@ def main(argv=None):
     print(f"{args.model}: {n_params / 1e6:.2f}M parameters", flush=True)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0, betas=(0.9, 0.99))
     warmup = 300
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup))
+
+    def learning_rate(done_steps: int, elapsed_s: float) -> float:
+        # Linear warm-up, then cosine decay to 10% over the budget (--steps or --minutes,
+        # whichever is nearer): the low-LR tail is what turns blobs into clean shapes.
+        if done_steps < warmup:
+            return args.lr * (done_steps + 1) / warmup
+        frac = done_steps / max(1, args.steps - first_step)
+        if args.minutes is not None:
+            frac = max(frac, elapsed_s / (args.minutes * 60))
+        return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, frac))))
     acp = ddpm_alphas_cumprod()
     v_prediction = spec.scheduler["prediction_type"] == "v_prediction"
     g = torch.Generator().manual_seed(args.seed + first_step)
@@ -107,13 +116,15 @@ def main(argv=None):
     def save(step: int, loss: float):
         meta = {"model": args.model, "steps": str(step), "batch": str(args.batch),
                 "seed": str(args.seed), "loss": f"{loss:.5f}", "ema": str(args.ema),
-                "train_minutes": f"{(time.time() - t0) / 60:.1f}"}
+                "lr": str(args.lr), "train_minutes": f"{(time.time() - t0) / 60:.1f}"}
         tmp = out.with_suffix(".tmp")
         save_file({k: v.contiguous() for k, v in ema.state_dict().items()}, str(tmp), metadata=meta)
         os.replace(tmp, out)
 
     losses, step, start = [], first_step, time.time()
     while step < args.steps:
+        for group in opt.param_groups:
+            group["lr"] = learning_rate(step - first_step, time.time() - start)
         idx = torch.randint(0, len(x_all), (args.batch,), generator=g)
         x0 = x_all[idx]
         t = torch.randint(0, len(acp), (args.batch,), generator=g)
@@ -137,7 +148,6 @@ def main(argv=None):
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        sched.step()
         step += 1
         decay = min(args.ema, (1 + step - first_step) / (10 + step - first_step))
         with torch.no_grad():
