@@ -245,9 +245,10 @@ def main(argv=None) -> int:
         fp_bundle = None
         for method in ["fp32"] + [m for m in args.methods if m != "fp32"]:  # fp32: the reference
             try:
+                # real arch: 2 calibration prompts, 4 sampler steps (enough for 4 timestep groups)
                 bundle = export_method(model, method, args.out, fp_bundle, args if not real else
                                        argparse.Namespace(**{**vars(args), "n_calib": min(args.n_calib, 2),
-                                                             "calib_steps": args.calib_steps or 2}))
+                                                             "calib_steps": args.calib_steps or 4}))
                 if method == "fp32":
                     fp_bundle = bundle
                 r = measure(bundle, args if not real else
