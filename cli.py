@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .runtime.backends import BACKENDS
+
 
 def fail_cleanly(main):
     """Bad input ends with one line on stderr and exit status 2, never a traceback."""
@@ -113,6 +115,29 @@ def cmd_bench(args) -> int:
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
         print(f"wrote {args.json}")
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from .metrics import write_json
+    from .runtime.compare import compare_backends, rows_as_dicts
+
+    rows = compare_backends(args.bundle, reference=args.reference, candidate=args.candidate,
+                            steps=args.steps, seed=args.seed, threads=args.threads)
+    print(f"{args.candidate} against {args.reference} on the calls of one image ({args.bundle})")
+    print(f"{'component':>14} {'variant':>7} {'output':>14} {'calls':>5} {'max |err|':>10} {'SQNR dB':>8}")
+    for r in rows:
+        print(f"{r.component:>14} {r.variant:>7} {r.output:>14} {r.calls:>5} "
+              f"{r.max_abs_error:>10.3g} {r.sqnr_db:>8.1f}")
+    if args.json:
+        write_json(args.json, {"bundle": str(args.bundle), "reference": args.reference,
+                               "candidate": args.candidate, "rows": rows_as_dicts(rows)})
+        print(f"wrote {args.json}")
+    if args.min_sqnr is not None:
+        worst = min(rows, key=lambda r: r.sqnr_db)
+        if worst.sqnr_db < args.min_sqnr:
+            raise ValueError(f"{worst.component} variant {worst.variant} output {worst.output}: "
+                             f"SQNR {worst.sqnr_db:.1f} dB < --min-sqnr {args.min_sqnr}")
     return 0
 
 
@@ -375,10 +400,29 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--images", type=int, default=2, help="images timed")
     b.add_argument("--repeat", type=int, default=10, help="denoiser calls timed")
     b.add_argument("--threads", type=int, default=0)
-    b.add_argument("--backend", default="ort", choices=["ort", "ort-cuda", "trt"],
+    b.add_argument("--backend", default="ort", choices=list(BACKENDS),
                    help="ort: ONNX Runtime CPU; trt: the bundle's TensorRT engines")
     b.add_argument("--json", type=Path, default=None, help="also write the results here")
     b.set_defaults(func=cmd_bench)
+
+    cmp = sub.add_parser("compare", help="run the same inputs through two backends and report "
+                         "the error per component and timestep variant",
+                         description="Generate one image on --reference, recording every "
+                         "component call (text encoder, each denoiser step, VAE, ECAR stages), "
+                         "then replay those exact inputs on --candidate and report max |error| "
+                         "and SQNR per component, variant and output. Default: the bundle's "
+                         "TensorRT engines against ONNX Runtime running the Q/DQ graph as "
+                         "written (ort-reference).")
+    cmp.add_argument("bundle", type=Path)
+    cmp.add_argument("--reference", default="ort-reference", choices=list(BACKENDS))
+    cmp.add_argument("--candidate", default="trt", choices=list(BACKENDS))
+    cmp.add_argument("--steps", type=int, default=None, help="sampler steps (default: the bundle's)")
+    cmp.add_argument("--seed", type=int, default=0)
+    cmp.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads (0 = all cores)")
+    cmp.add_argument("--min-sqnr", type=float, default=None,
+                     help="exit with status 2 if any output's SQNR is below this (dB)")
+    cmp.add_argument("--json", type=Path, default=None, help="write the rows here")
+    cmp.set_defaults(func=cmd_compare)
 
     e = sub.add_parser("eval", help="quality of a bundle: PSNR/SSIM vs an FP bundle, Frechet "
                        "distance, prompt accuracy",

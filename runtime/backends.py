@@ -106,12 +106,15 @@ class OrtComponent:
     """
 
     def __init__(self, bundle: Bundle, name: str, threads: int = 0,
-                 providers: list[str] | None = None, share_weights: bool | None = None):
+                 providers: list[str] | None = None, share_weights: bool | None = None,
+                 optimize: bool = True):
         import onnxruntime as ort
 
         entry = read_component_io(self, bundle, name)
         self._dtypes = {i["name"]: np.dtype(i["dtype"]) for i in entry["inputs"]}
         opts = ort.SessionOptions()
+        if not optimize:  # every node as written: Q/DQ run literally, nothing fused
+            opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
         providers = providers or ["CPUExecutionProvider"]
@@ -145,17 +148,26 @@ class OrtComponent:
         return dict(zip(self.output_names, sess.run(self.output_names, feeds)))
 
 
-BACKENDS = ("ort", "ort-cuda", "trt")
+BACKENDS = ("ort", "ort-reference", "ort-cuda", "trt")
 
 
 def load_component(bundle: Bundle, name: str, backend: str = "ort", threads: int = 0) -> Component:
-    """`ort`: ONNX Runtime on the CPU; `ort-cuda`: ONNX Runtime's CUDA provider (effgen[gpu]);
-    `trt`: the bundle's TensorRT engines for this GPU (built with effgen-build)."""
+    """`ort`: ONNX Runtime on the CPU; `ort-reference`: the same with graph optimisations off,
+    so every QuantizeLinear/DequantizeLinear runs as written (the ONNX semantics TensorRT is
+    compared against); `ort-cuda`: ONNX Runtime's CUDA provider (effgen[gpu]); `trt`: the
+    bundle's TensorRT engines for this GPU (built with effgen-build)."""
     if backend == "ort":
         return OrtComponent(bundle, name, threads)
+    if backend == "ort-reference":
+        return OrtComponent(bundle, name, threads, optimize=False)
     if backend == "ort-cuda":
         return OrtComponent(bundle, name, threads, ["CUDAExecutionProvider", "CPUExecutionProvider"])
     if backend == "trt":
+        try:
+            import tensorrt  # noqa: F401
+        except ImportError:
+            raise BundleError("the trt backend needs TensorRT and an NVIDIA GPU (pip install "
+                              "'effgen[trt]', or JetPack's python3-libnvinfer on Jetson)") from None
         from .trt_backend import TrtComponent, engine_target
 
         return TrtComponent(bundle, name, engine_target(bundle))

@@ -165,3 +165,9 @@ def test_engine_build_and_trt_backend_match_onnx_runtime(tiny_bundles, tmp_path)
     ort = runtime.generate(bundle, class_label=3, steps=4, output="latents")
     trt = runtime.generate(bundle, class_label=3, steps=4, output="latents", backend="trt")
     assert np.abs(ort - trt).max() < 5e-2 * max(1.0, np.abs(ort).max())  # FP16 engine
+    # The same check per component call, as `effgen compare` reports it.
+    from effgen.runtime.compare import compare_backends
+
+    rows = compare_backends(bundle, reference="ort-reference", candidate="trt", steps=4, class_label=[3])
+    assert {r.component for r in rows} == {"denoiser", "vae_decoder"}
+    assert all(r.sqnr_db >= 30 for r in rows), [(r.component, r.sqnr_db) for r in rows]

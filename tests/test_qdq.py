@@ -442,8 +442,8 @@ def test_ort_matches_the_simulation_for_every_sample_plan(tiny, tmp_path):
     assert not low, low
 
 
-def test_export_cli_with_plan_makes_a_bundle_that_generates_and_checks(tiny_checkpoints, tmp_path,
-                                                                       monkeypatch, capsys):
+def test_export_cli_with_plan_makes_a_bundle_that_generates_checks_and_compares(
+        tiny_checkpoints, tmp_path, monkeypatch, capsys):
     from effgen.cli import main as effgen
     from effgen.exporter.cli import main as export
     from effgen.runtime.bundle import Bundle, sha256_file
@@ -478,6 +478,18 @@ def test_export_cli_with_plan_makes_a_bundle_that_generates_and_checks(tiny_chec
     assert "denoiser/denoiser.g1.onnx: node act_q (QuantizeLinear): activation quantized with 16 " \
         "scales: activations must be per tensor" in lines
     assert not any("denoiser.g0.onnx" in ln for ln in lines)
+    # compare: ONNX Runtime's optimised graph against the Q/DQ graph run as written, on the
+    # recorded calls of one image: every variant and the VAE decoder are covered.
+    report = tmp_path / "compare.json"
+    assert effgen(["compare", str(out), "--candidate", "ort", "--steps", "3", "--threads", "1",
+                   "--min-sqnr", "40", "--json", str(report)]) == 0
+    rows = json.loads(report.read_text())["rows"]
+    assert {(r["component"], r["variant"]) for r in rows} == {("denoiser", 0), ("denoiser", 1),
+                                                              ("vae_decoder", 0)}
+    assert sum(r["calls"] for r in rows if r["component"] == "denoiser") == 3
+    capsys.readouterr()
+    assert effgen(["compare", str(out), "--candidate", "trt"]) == 2  # no TensorRT here
+    assert "the trt backend needs TensorRT" in capsys.readouterr().err
     # The runtime maps the shared weight file once for both variant sessions.
     from effgen.runtime.backends import OrtComponent
 
