@@ -165,7 +165,7 @@ def cmd_plan_memory(args) -> int:
     from .engines.targets import get_device
     from .runtime.bundle import Bundle
 
-    plan = plan_memory(Bundle.load(args.bundle), get_device(args.device), args.workspace_mb, args.refit)
+    plan = plan_memory(Bundle.load(args.bundle), get_device(args.device), args.workspace_mb)
     print(format_plan(plan))
     if args.json:
         args.json.write_text(json.dumps(plan.to_json(), indent=2) + "\n")
@@ -444,14 +444,13 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(func=cmd_eval)
 
     m = sub.add_parser("plan-memory", help="will a bundle's TensorRT engines fit on a device?",
-                       description="Estimate engine weights (x variants unless refit), "
+                       description="Estimate engine weights (x timestep variants), "
                        "activations, workspace and runtime overhead against a device's memory "
                        "(shared with the CPU on Jetson) and say whether it fits.")
     m.add_argument("bundle", type=Path)
     m.add_argument("--device", required=True, help="orin-nano-4gb, orin-nano-8gb, orin-nx-8gb, "
                    "orin-nx-16gb, agx-orin-32gb, agx-orin-64gb, rtx-3090, rtx-4080, rtx-4090, ...")
     m.add_argument("--workspace-mb", type=int, default=None, help="builder workspace limit (MiB)")
-    m.add_argument("--refit", action="store_true", help="one refittable engine for all variants")
     m.add_argument("--json", type=Path, default=None)
     m.set_defaults(func=cmd_plan_memory)
     _add_calib_parsers(sub)

@@ -6,6 +6,11 @@ carries its own precisions (Q/DQ nodes, FP16 tensors) is built strongly typed, a
 wants for explicit quantization. A plain FP32 graph is built weakly typed with FP16 allowed on
 TensorRT 10 (DESIGN §3: FP runs as fp16); TensorRT 11 builds only strongly typed networks, so
 there the FP32 graph stays FP32 and the build says so.
+
+No refit mode: one refittable engine whose activation-scale constants are refit per timestep
+group would save K-1 copies of the weights, but it is only worth keeping if a GPU run shows
+it gives the same outputs as separate engines, and no GPU has been available to show that;
+the weights of K engines are counted honestly by `effgen plan-memory` instead.
 """
 
 from __future__ import annotations
@@ -28,7 +33,6 @@ class BuildOptions:
     workspace_mb: int | None = None
     optimization_level: int = 3
     timing_cache: Path | None = None
-    refit_scales: bool = False
 
     def __post_init__(self):
         if self.target not in BUILD_TARGETS:
@@ -70,8 +74,6 @@ def trtexec_commands(bundle: Bundle, options: BuildOptions) -> list[str]:
                 args.append(f"--memPoolSize=workspace:{options.workspace_mb}M")
             if options.timing_cache:
                 args.append(f"--timingCacheFile={options.timing_cache}")
-            if options.refit_scales:
-                args.append("--refit")
             cmds.append(" ".join(shlex.quote(a) for a in args))
     return cmds
 
@@ -101,8 +103,6 @@ def _build_one(trt, onnx_path: Path, options: BuildOptions, cache_blob: bytes | 
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, options.workspace_mb << 20)
     if not typed and major < 11:
         config.set_flag(trt.BuilderFlag.FP16)
-    if options.refit_scales:
-        config.set_flag(trt.BuilderFlag.REFIT)
     cache = config.create_timing_cache(cache_blob or b"")
     config.set_timing_cache(cache, ignore_mismatch=False)
     engine = builder.build_serialized_network(network, config)
@@ -144,7 +144,7 @@ def build_engines(bundle_dir: Path, options: BuildOptions,
         "tensorrt": trt.__version__, "gpu": gpu["name"],
         "compute_capability": gpu["compute_capability"],
         "builder_optimization_level": options.optimization_level,
-        "workspace_mb": options.workspace_mb, "refit_scales": options.refit_scales,
+        "workspace_mb": options.workspace_mb,
         "built": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
     write_json_atomic(bundle.root / "manifest.json", manifest)

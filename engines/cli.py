@@ -27,8 +27,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="TensorRT builder optimization level 0-5 (higher: slower build, maybe faster engine)")
     p.add_argument("--timing-cache", type=Path, default=None,
                    help="timing cache file, read if present and written back: repeat builds are faster")
-    p.add_argument("--refit-scales", action="store_true",
-                   help="build refittable engines (activation scales refit per timestep group)")
     p.add_argument("--emit-trtexec", action="store_true",
                    help="print the equivalent trtexec commands instead of building")
     return p
@@ -42,7 +40,7 @@ def main(argv=None) -> int:
 
     options = BuildOptions(target=args.target, workspace_mb=args.workspace_mb,
                            optimization_level=args.optimization_level,
-                           timing_cache=args.timing_cache, refit_scales=args.refit_scales)
+                           timing_cache=args.timing_cache)
     if args.emit_trtexec:
         bundle = Bundle.load(args.bundle)
         print(f"# run in {args.bundle}. These engines serve trtexec/C++ deployments; effgen's trt "

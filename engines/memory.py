@@ -3,7 +3,7 @@
 Items counted (DESIGN §4, §9):
 - engine weights: every initializer at the precision TensorRT keeps it in (FP32 -> FP16,
   INT8 -> 1 byte, INT4 -> half a byte), once per engine: one engine per timestep variant
-  (K x the weights) unless a refittable engine serves all variants;
+  (K x the weights: one engine per variant, see engines/build.py on why not refit);
 - activations: the peak of live intermediate tensors (FP16) when the graph runs in
   topological order, freeing a tensor after its last consumer: what a memory-reusing
   executor needs, per component, counted once because components run one at a time but
@@ -117,14 +117,13 @@ class MemoryPlan:
                 "items": [{"name": k, "bytes": b} for k, b in self.items]}
 
 
-def plan_memory(bundle: Bundle, device: Device, workspace_mb: int | None = None,
-                refit: bool = False) -> MemoryPlan:
+def plan_memory(bundle: Bundle, device: Device, workspace_mb: int | None = None) -> MemoryPlan:
     plan = MemoryPlan(device)
     largest_engine = 0
     for name, comp in bundle.components.items():
         variants = comp["variants"]
         weights = engine_weight_bytes(bundle.path(variants[0]["onnx"]))
-        copies = 1 if refit else len(variants)
+        copies = len(variants)
         label = f"{name} weights" + (f" x {copies} engines" if copies > 1 else "")
         plan.items.append((label, weights * copies))
         plan.items.append((f"{name} activations", peak_activation_bytes(bundle.path(variants[0]["onnx"]))))

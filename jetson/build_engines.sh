@@ -2,7 +2,7 @@
 # Build the TensorRT engines of a copied bundle on this Jetson.
 #   jetson/build_engines.sh BUNDLE [extra effgen-build options]
 set -euo pipefail
-bundle=${1:?usage: build_engines.sh BUNDLE [--workspace-mb N] [--refit-scales]}
+bundle=${1:?usage: build_engines.sh BUNDLE [--workspace-mb N]}
 shift
 cache=${EFFGEN_TIMING_CACHE:-$HOME/.cache/effgen/orin.timing-cache}
 mkdir -p "$(dirname "$cache")"
