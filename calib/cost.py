@@ -3,9 +3,11 @@ against FP on the same target)."""
 
 from __future__ import annotations
 
+import math
+
 import torch
 
-from .plan import Plan
+from .plan import LayerPrecision, Plan
 from .stats import module_kind, quantizable_modules
 from .targets import effective_precision
 
@@ -36,12 +38,23 @@ def weight_bytes(denoiser: torch.nn.Module, plan: Plan | None = None, target: st
         owner, _, leaf = pname.rpartition(".")
         if owner in quantized and leaf == "weight":
             eff, smoothed = quantized[owner]
-            rows = p.shape[0]
-            k = p.numel() // rows
-            n_scales = rows * (k // eff.block_size if eff.block_size else 1)
-            total += (p.numel() * eff.w_bits + 7) // 8 + n_scales * b
-            if smoothed:
-                total += p.shape[1] * b
+            total += layer_weight_bytes(tuple(p.shape), eff, smoothed, target)
         else:
             total += p.numel() * b
     return int(total)
+
+
+def layer_weight_bytes(shape: tuple[int, ...], eff: LayerPrecision, smoothed: bool, target: str) -> int:
+    """Bytes of one layer's weight of `shape` (out, in[, kh, kw]) at its effective precision
+    on `target`: w_bits/8 per value plus one FP scale per output channel or block, plus the
+    smoothing vector (one FP value per input channel) where the layer is smoothed. An FP
+    weight is its values at the target's FP width. (The mixed-precision allocator prices
+    each candidate precision of a layer with this.)"""
+    b = fp_bytes(target)
+    numel = math.prod(shape)
+    if eff.w_bits >= 16:
+        return numel * b
+    rows = shape[0]
+    k = numel // rows
+    n_scales = rows * (k // eff.block_size if eff.block_size else 1)
+    return (numel * eff.w_bits + 7) // 8 + n_scales * b + (shape[1] * b if smoothed else 0)
