@@ -8,8 +8,9 @@ models/refdata.py, the same data and recipe as dit-ref (samples/train_reference.
 Data: refdata.make_dataset(30000, "train", seed=0), pixels in [-1, 1], class = shape x colour
 (20 classes), 10% of labels replaced by the null class for classifier-free guidance. Loss:
 the multistage flow-matching loss of models/ecar.py (`ECAR.loss`: every stage at once, teacher
-forced). AdamW (betas 0.9/0.99, no weight decay), lr warm-up over 300 steps, gradient clipping
-at 1, EMA 0.995 — as dit-ref. The EMA weights are saved atomically every 500 steps and at the
+forced). Training: the loop of models/training.py, as for dit-ref: AdamW (betas 0.9/0.99, no weight
+decay), warm-up over 300 steps then cosine decay over the budget, gradient clipping at 1,
+EMA 0.995. The EMA weights are saved atomically every 500 steps and at the
 end, with metadata (steps reached, batch, seed, loss, minutes, the ECAR config).
 
 Seeded and reproducible for a given --steps (a --minutes budget stops at a step count that
@@ -25,13 +26,13 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from effgen.models import refdata
 from effgen.models.configs import get_spec
 from effgen.models.denoiser import WEIGHTS_DIR
 from effgen.models.ecar import ECAR, config_of, save_checkpoint
+from effgen.models.training import TrainConfig, train
 
 MODELS = ("ecar-ref", "ecar-flowar-ref", "ecar-single-stage-ref", "ecar-tiny")
 
@@ -72,9 +73,6 @@ def main(argv=None):
           f"head {sum(p.numel() for p in model.head.parameters()) / 1e6:.2f}M), stages {cfg.stages}, "
           f"{cfg.schedule}, ranges {[(round(a, 3), round(b, 3)) for a, b in cfg.stage_ranges()]}",
           flush=True)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0, betas=(0.9, 0.99))
-    warmup = 300
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup))
     g = torch.Generator().manual_seed(args.seed)
 
     def save(step: int, loss: float):
@@ -82,32 +80,15 @@ def main(argv=None):
                                    "seed": args.seed, "lr": args.lr, "loss": f"{loss:.5f}",
                                    "ema": str(args.ema), "train_minutes": f"{(time.time() - t0) / 60:.1f}"})
 
-    losses, step, start = [], 0, time.time()
-    while step < args.steps:
+    def loss_fn() -> torch.Tensor:
         idx = torch.randint(0, len(x_all), (args.batch,), generator=g)
         lab = labels[idx].clone()
         lab[torch.rand(args.batch, generator=g) < cfg.class_dropout] = cfg.num_classes
-        loss = model.loss(x_all[idx], lab, g)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        step += 1
-        decay = min(args.ema, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for pe, pm in zip(ema.parameters(), model.parameters()):
-                pe.lerp_(pm, 1 - decay)
-        losses.append(loss.item())
-        elapsed = time.time() - start
-        if step % 100 == 0:
-            print(f"step {step} loss {np.mean(losses[-100:]):.4f} "
-                  f"{elapsed / step:.2f}s/step {elapsed / 60:.1f}min", flush=True)
-        if step % args.save_every == 0:
-            save(step, float(np.mean(losses[-500:])))
-        if args.minutes is not None and elapsed > args.minutes * 60:
-            break
-    save(step, float(np.mean(losses[-500:])))
+        return model.loss(x_all[idx], lab, g)
+
+    train_cfg = TrainConfig(lr=args.lr, steps=args.steps, minutes=args.minutes, ema=args.ema,
+                            save_every=args.save_every)
+    step, _ = train(model, ema, model, loss_fn, train_cfg, save)
     print(json.dumps({"model": args.model, "steps": step, "out": str(out),
                       "minutes": round((time.time() - t0) / 60, 1)}))
 

@@ -12,7 +12,8 @@ metadata (`python -c "from safetensors import safe_open; ..."` or `effgen info`)
 
 DDPM on the linear beta schedule of PixArt-alpha and DiT with v-prediction (the spec's
 scheduler says which), pixels in [-1, 1], 10% condition dropout for classifier-free guidance,
-AdamW, EMA weights saved.
+AdamW with warm-up and cosine decay over the budget, EMA weights saved
+(models/training.py, shared with samples/train_ecar.py).
 """
 
 from __future__ import annotations
@@ -20,19 +21,18 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import os
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from safetensors.torch import save_file
 
 from effgen.models import refdata
 from effgen.models.configs import DDPM_LINEAR, get_spec
 from effgen.models.denoiser import WEIGHTS_DIR, build_denoiser
+from effgen.models.training import TrainConfig, train
 
 
 def ddpm_alphas_cumprod() -> torch.Tensor:
@@ -72,6 +72,8 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     out = args.out or WEIGHTS_DIR / f"{args.model}.safetensors"
     spec = get_spec(args.model)
+    if args.resume and not out.is_file():
+        p.error(f"--resume: {out} does not exist")
 
     t0 = time.time()
     images, attrs = refdata.make_dataset(args.data_size, "train", seed=args.seed)
@@ -97,18 +99,6 @@ def main(argv=None):
     ema = copy.deepcopy(model.transformer).eval().requires_grad_(False)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"{args.model}: {n_params / 1e6:.2f}M parameters", flush=True)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0, betas=(0.9, 0.99))
-    warmup = 300
-
-    def learning_rate(done_steps: int, elapsed_s: float) -> float:
-        # Linear warm-up, then cosine decay to 10% over the budget (--steps or --minutes,
-        # whichever is nearer): the low-LR tail is what turns blobs into clean shapes.
-        if done_steps < warmup:
-            return args.lr * (done_steps + 1) / warmup
-        frac = done_steps / max(1, args.steps - first_step)
-        if args.minutes is not None:
-            frac = max(frac, elapsed_s / (args.minutes * 60))
-        return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, frac))))
     acp = ddpm_alphas_cumprod()
     v_prediction = spec.scheduler["prediction_type"] == "v_prediction"
     g = torch.Generator().manual_seed(args.seed + first_step)
@@ -121,10 +111,7 @@ def main(argv=None):
         save_file({k: v.contiguous() for k, v in ema.state_dict().items()}, str(tmp), metadata=meta)
         os.replace(tmp, out)
 
-    losses, step, start = [], first_step, time.time()
-    while step < args.steps:
-        for group in opt.param_groups:
-            group["lr"] = learning_rate(step - first_step, time.time() - start)
+    def loss_fn() -> torch.Tensor:
         idx = torch.randint(0, len(x_all), (args.batch,), generator=g)
         x0 = x_all[idx]
         t = torch.randint(0, len(acp), (args.batch,), generator=g)
@@ -143,26 +130,10 @@ def main(argv=None):
             target = a.sqrt() * eps - (1 - a).sqrt() * x0
         else:
             target = eps
-        loss = torch.nn.functional.mse_loss(pred[:, :spec.in_channels], target)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        step += 1
-        decay = min(args.ema, (1 + step - first_step) / (10 + step - first_step))
-        with torch.no_grad():
-            for pe, pm in zip(ema.parameters(), model.transformer.parameters()):
-                pe.lerp_(pm, 1 - decay)
-        losses.append(loss.item())
-        elapsed = time.time() - start
-        if step % 100 == 0:
-            print(f"step {step} loss {np.mean(losses[-100:]):.4f} "
-                  f"{elapsed / (step - first_step):.2f}s/step {elapsed / 60:.1f}min", flush=True)
-        if step % 500 == 0:
-            save(step, float(np.mean(losses[-500:])))
-        if args.minutes is not None and elapsed > args.minutes * 60:
-            break
-    save(step, float(np.mean(losses[-500:])))
+        return torch.nn.functional.mse_loss(pred[:, :spec.in_channels], target)
+
+    cfg = TrainConfig(lr=args.lr, steps=args.steps, minutes=args.minutes, ema=args.ema)
+    step, _ = train(model, ema, model.transformer, loss_fn, cfg, save, first_step)
     print(json.dumps({"model": args.model, "steps": step, "out": str(out),
                       "minutes": round((time.time() - t0) / 60, 1)}))
 

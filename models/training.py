@@ -1,0 +1,81 @@
+"""The training loop shared by the reference-model scripts (samples/train_reference.py for
+pixart-ref and dit-ref, samples/train_ecar.py for ecar-ref): AdamW, linear warm-up then cosine
+decay over the step or time budget, gradient clipping, EMA weights, periodic checkpoints.
+
+The scripts own the data and the loss; this owns everything that must be the same for a fair
+comparison of the models they train.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+
+
+@dataclass
+class TrainConfig:
+    lr: float = 4e-4
+    steps: int = 100_000        # upper bound on optimizer steps (absolute, resumed runs included)
+    minutes: float | None = None  # wall-time budget; the LR decays over whichever ends first
+    ema: float = 0.995
+    warmup: int = 300
+    final_lr_fraction: float = 0.1
+    save_every: int = 500
+    clip_grad_norm: float = 1.0
+
+
+def learning_rate(cfg: TrainConfig, done_steps: int, budget_steps: int, elapsed_s: float) -> float:
+    """Linear warm-up, then cosine decay to `final_lr_fraction` of the peak at the end of the
+    budget (steps or minutes, whichever is nearer): the low-LR tail is what turns blobs into
+    clean shapes."""
+    if done_steps < cfg.warmup:
+        return cfg.lr * (done_steps + 1) / cfg.warmup
+    frac = done_steps / max(1, budget_steps)
+    if cfg.minutes is not None:
+        frac = max(frac, elapsed_s / (cfg.minutes * 60))
+    floor = cfg.final_lr_fraction
+    return cfg.lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, frac))))
+
+
+def train(model: torch.nn.Module, ema_model: torch.nn.Module, ema_of: torch.nn.Module,
+          loss_fn: Callable[[], torch.Tensor], cfg: TrainConfig,
+          save: Callable[[int, float], None], first_step: int = 0) -> tuple[int, float]:
+    """Optimise `model` with `loss_fn()` (one fresh batch per call) until the budget ends;
+    `ema_model` tracks the EMA of `ema_of`'s parameters (the part of `model` that is saved).
+    `save(step, mean_recent_loss)` writes a checkpoint every `save_every` steps and at the end.
+    Returns the final step and the mean loss of the last 500 steps."""
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0, betas=(0.9, 0.99))
+    losses: list[float] = []
+    step, start = first_step, time.time()
+    while step < cfg.steps:
+        for group in opt.param_groups:
+            group["lr"] = learning_rate(cfg, step - first_step, cfg.steps - first_step,
+                                        time.time() - start)
+        loss = loss_fn()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad_norm)
+        opt.step()
+        step += 1
+        done = step - first_step
+        decay = min(cfg.ema, (1 + done) / (10 + done))  # short EMA window while it is young
+        with torch.no_grad():
+            for pe, pm in zip(ema_model.parameters(), ema_of.parameters()):
+                pe.lerp_(pm, 1 - decay)
+        losses.append(loss.item())
+        elapsed = time.time() - start
+        if step % 100 == 0:
+            print(f"step {step} loss {np.mean(losses[-100:]):.4f} lr {opt.param_groups[0]['lr']:.2e} "
+                  f"{elapsed / done:.2f}s/step {elapsed / 60:.1f}min", flush=True)
+        if step % cfg.save_every == 0:
+            save(step, float(np.mean(losses[-500:])))
+        if cfg.minutes is not None and elapsed > cfg.minutes * 60:
+            break
+    final_loss = float(np.mean(losses[-500:])) if losses else float("nan")
+    save(step, final_loss)
+    return step, final_loss

@@ -1,0 +1,39 @@
+"""The shared training loop of the reference models (models/training.py)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from effgen.models.training import TrainConfig, learning_rate, train
+
+
+def test_learning_rate_warms_up_then_decays_to_the_floor_over_the_budget():
+    cfg = TrainConfig(lr=1e-3, warmup=10, final_lr_fraction=0.1)
+    assert math.isclose(learning_rate(cfg, 0, 110, 0.0), 1e-4)
+    assert math.isclose(learning_rate(cfg, 10, 110, 0.0), 1e-3 * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 10 / 110))))
+    assert math.isclose(learning_rate(cfg, 110, 110, 0.0), 1e-4)
+    # a time budget that ends first wins
+    timed = TrainConfig(lr=1e-3, warmup=10, minutes=1.0)
+    assert math.isclose(learning_rate(timed, 20, 10_000, 60.0), 1e-4)
+    assert learning_rate(timed, 20, 10_000, 30.0) < learning_rate(timed, 20, 10_000, 0.0)
+
+
+def test_train_fits_a_regression_and_keeps_an_ema_and_checkpoints():
+    torch.manual_seed(0)
+    x = torch.randn(256, 4)
+    y = x @ torch.tensor([1.0, -2.0, 0.5, 3.0])
+    model = torch.nn.Linear(4, 1, bias=False)
+    ema = torch.nn.Linear(4, 1, bias=False).requires_grad_(False)
+    saved = []
+
+    def loss_fn():
+        return torch.nn.functional.mse_loss(model(x).squeeze(1), y)
+
+    cfg = TrainConfig(lr=0.05, steps=400, warmup=20, ema=0.9, save_every=200)
+    first = loss_fn().item()
+    step, mean_loss = train(model, ema, model, loss_fn, cfg, lambda s, l: saved.append(s))
+    assert step == 400 and mean_loss < first and loss_fn().item() < 1e-3 * first
+    assert saved == [200, 400, 400]
+    assert torch.allclose(ema.weight, model.weight, atol=0.05)
