@@ -15,6 +15,11 @@ Plan `techniques` read here (besides plan.py's smoothing/rotation layer regexes)
   rotation: {layers: [regex, ...]}
   act_scale: {method: "minmax" | "percentile" | "mse", percentile: 99.99}
   timestep_grouping: {k: K} (equal contiguous groups) | {tolerance: 0.1} (ranges agree)
+  bos_aware: true | false (default false): MixDQ's BOS-aware text embedding (calib/bos.py):
+             in the layers that read the text-token sequence (PixArt's caption_projection
+             and cross-attention attn2.to_k/to_v) with static per-tensor activations, token 0
+             keeps full-precision activations and the amax (and smoothing vector) comes from
+             tokens 1.. only
 An explicit `timestep_groups` in the plan wins over `timestep_grouping`.
 """
 
@@ -28,6 +33,7 @@ import numpy as np
 import torch
 
 from .balance import hadamard, rotated_layers, smooth_weight, smoothing_alphas, smoothing_vector
+from .bos import first_token_layers
 from .plan import Plan, PlanError, resolve_plan
 from .quantizers import ACT_METHODS, search_amax, weight_scale
 from .scales import key
@@ -133,12 +139,13 @@ def _steps_of_group(timesteps: Sequence[int], lo: int, hi: int) -> list[int]:
 
 def activation_amax(stats: Statistics, name: str, ranges: Sequence[tuple[int, int]], bits: int,
                     method: str, percentile: float, smooth: torch.Tensor | None,
-                    rot: torch.Tensor | None) -> torch.Tensor:
+                    rot: torch.Tensor | None, skip_first_token: bool = False) -> torch.Tensor:
     """(G,) amax of the activation as it is quantized (divided by `smooth`, rotated by `rot`)
     per timestep group. Min-max is exact (from per-channel absmax) without rotation; after a
     rotation, which mixes channels, it is the max over the sampled and the largest-norm rows.
-    The percentile and MSE searches run on the uniform row sample."""
-    absmax, rows, top = stats.absmax[name], stats.rows[name], stats.top[name]
+    The percentile and MSE searches run on the uniform row sample. `skip_first_token`: of
+    tokens 1.. only (BOS-aware layers, whose token 0 is not quantized)."""
+    absmax, rows, top = stats.of_layer(name, skip_first_token)
     out = []
     for lo, hi in ranges:
         idx = _steps_of_group(stats.timesteps, lo, hi)
@@ -187,14 +194,17 @@ def calibrate(denoiser, plan_raw: dict[str, Any], target: str | None = None, *,
     alphas = smoothing_alphas(plan.techniques, [n for n, e in effective.items() if e.a_bits < 16])
     rotated = rotated_layers(plan.techniques, {n: (module_kind(modules[n]), in_features(modules[n]))
                                                for n, e in effective.items() if not e.is_fp})
+    first_token = set(first_token_layers(plan.techniques, effective))
     scales: dict[str, torch.Tensor] = {}
     for name, eff in sorted(effective.items()):
         if eff.is_fp:
             continue
         w = modules[name].weight.detach().float()
         s = None
+        # A BOS-aware layer quantizes tokens 1.. only: they set its smoothing and its amax.
+        absmax = stats.of_layer(name, name in first_token)[0]
         if name in alphas:
-            s = smoothing_vector(stats.absmax[name].amax(dim=0), w, alphas[name])
+            s = smoothing_vector(absmax.amax(dim=0), w, alphas[name])
             scales[key(name, "smooth")] = s
             w = smooth_weight(w, s)
         rot = hadamard(w.shape[1]) if name in rotated else None
@@ -204,13 +214,15 @@ def calibrate(denoiser, plan_raw: dict[str, Any], target: str | None = None, *,
             scales[key(name, "w_scale")] = weight_scale(w, eff.w_bits, eff.w_granularity)
         if eff.a_bits < 16:
             scales[key(name, "a_amax")] = activation_amax(stats, name, plan.timestep_groups,
-                                                          eff.a_bits, method, pct, s, rot)
+                                                          eff.a_bits, method, pct, s, rot,
+                                                          skip_first_token=name in first_token)
     plan.provenance = {
         **{k: v for k, v in plan.provenance.items()
-           if k not in ("effective", "smoothing", "rotation", "calibration")},
+           if k not in ("effective", "smoothing", "rotation", "bos_aware", "calibration")},
         "effective": {n: e.to_json() for n, e in sorted(effective.items())},
         "smoothing": {n: a for n, a in sorted(alphas.items())},
         "rotation": sorted(rotated),
+        "bos_aware": sorted(first_token),
         "calibration": {"statistics": stats.meta.get("key", ""), "n_items": stats.meta.get("n_items"),
                         "steps": stats.meta.get("steps"), "guidance": stats.meta.get("guidance"),
                         "scheduler": stats.meta.get("scheduler"), "noise_seed": stats.meta.get("noise_seed"),

@@ -192,6 +192,9 @@ def resolve_plan(raw: dict[str, Any], modules: Iterable[str], default_fp: Iterab
             rx = _regex(pattern, f"techniques.{key}.layers[{i}]")
             if not any(rx.search(m) for m in modules):
                 raise _unknown_module(pattern, modules, f"techniques.{key}.layers[{i}]")
+    from .bos import bos_aware  # (bos.py imports this module)
+
+    bos_aware(techniques)
     return Plan(model=str(raw.get("model", "")), target=target, layers=layers,
                 timestep_groups=check_timestep_groups(raw.get("timestep_groups"), num_train_timesteps),
                 techniques=techniques, budget=raw.get("budget", {}),

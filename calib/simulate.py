@@ -1,7 +1,8 @@
 """Simulated quantization in PyTorch, torchao style: `quantize_(denoiser, plan, scales)` swaps
 every quantized Linear/Conv for a module that runs the target's effective numerics
 (DESIGN §3): smoothing and rotation folded into the weight, fake-quantized weights, and
-activations fake-quantized with the current timestep group's static scale (or per token).
+activations fake-quantized with the current timestep group's static scale (or per token);
+in BOS-aware layers (calib/bos.py) the first text token's activation is left unquantized.
 
 The modules learn the current timestep from a `SimContext` shared by all of them; the FP
 sampler sets it through `sample(..., on_step=ctx.on_step)`.
@@ -17,6 +18,7 @@ import torch.nn.functional as F
 
 from . import scales as scales_mod
 from .balance import hadamard, rotate_weight, rotated_layers, smooth_weight
+from .bos import TOKEN_AXIS, first_token_layers
 from .plan import LayerPrecision, Plan
 from .quantizers import fake_quant_per_tensor, fake_quant_per_token, quantize_weight
 from .stats import in_features, module_kind, quantizable_modules
@@ -63,6 +65,7 @@ class SimConfig:
     a_amax: torch.Tensor | None = None  # (G,)
     smooth: torch.Tensor | None = None  # (in,)
     rotate: bool = False
+    keep_first_token: bool = False  # BOS-aware: token 0's activation is not quantized
 
 
 class _SimBase(torch.nn.Module):
@@ -82,6 +85,7 @@ class _SimBase(torch.nn.Module):
         self.register_buffer("weight", w)
         self.register_buffer("bias", None if bias is None else bias.detach().float())
         self.register_buffer("a_amax", None if cfg.a_amax is None else cfg.a_amax.float())
+        self.keep_first_token = cfg.keep_first_token
 
     def _quant_input(self, x: torch.Tensor) -> torch.Tensor:
         ch = 1 if self.kind == "conv" else -1
@@ -95,13 +99,18 @@ class _SimBase(torch.nn.Module):
             return x
         if p.a_granularity == "per_token":
             return fake_quant_per_token(x, p.a_bits, channel_dim=ch)
-        return fake_quant_per_tensor(x, self.a_amax[self.ctx.current()], p.a_bits)
+        q = fake_quant_per_tensor(x, self.a_amax[self.ctx.current()], p.a_bits)
+        if self.keep_first_token:
+            n = x.shape[TOKEN_AXIS]
+            q = torch.cat([x.narrow(TOKEN_AXIS, 0, 1), q.narrow(TOKEN_AXIS, 1, n - 1)], dim=TOKEN_AXIS)
+        return q
 
     def extra_repr(self) -> str:
         from .quantizers import describe
 
         tech = [t for t, on in (("smooth", self.inv_smooth is not None),
-                                ("hadamard", self.hadamard is not None)) if on]
+                                ("hadamard", self.hadamard is not None),
+                                ("fp-first-token", self.keep_first_token)) if on]
         return describe(self.precision) + (f", {'+'.join(tech)}" if tech else "")
 
 
@@ -146,6 +155,9 @@ def layer_configs(denoiser: torch.nn.Module, plan: Plan, scales: dict[str, torch
     rotated = set(rotated_layers(plan.techniques, {n: (module_kind(modules[n]), in_features(modules[n]))
                                                    for n in quantized if n in modules}))
     G = len(plan.timestep_groups)
+    effective = {n: effective_precision(p, module_kind(modules[n]), target)
+                 for n, p in quantized.items() if n in modules}
+    first_token = set(first_token_layers(plan.techniques, effective))
     out = {}
     for name, prec in sorted(quantized.items()):
         if name not in modules:
@@ -169,7 +181,7 @@ def layer_configs(denoiser: torch.nn.Module, plan: Plan, scales: dict[str, torch
                     f"scales: {name}.a_amax must have one value per timestep group ({G}), got "
                     f"{None if a_amax is None else tuple(a_amax.shape)}")
         out[name] = SimConfig(eff, w_scale, a_amax, scales.get(scales_mod.key(name, "smooth")),
-                              name in rotated)
+                              name in rotated, name in first_token)
     return out
 
 

@@ -11,6 +11,9 @@ pre-hook on every quantizable Linear/Conv records, per sampler step:
     per-channel absmax no longer gives the max of the rotated activation, and the uniform
     sample misses its extremes (on dit-ref by ~30%); the extreme rows of the rotated tensor
     are among the rows of largest norm.
+For the layers that read the text-token sequence (calib/bos.py) the same three statistics
+are recorded a second time over tokens 1.. only: MixDQ's BOS-aware quantization keeps token 0
+out of their activation scale (with it, the [CLS] outlier would still set the scale).
 Statistics are the expensive part and are cached by model (name + weights hash), data and
 sampler (scheduler config, steps, guidance) under $EFFGEN_CACHE or ~/.cache/effgen.
 """
@@ -31,6 +34,7 @@ import torch
 from ..models import refdata
 from ..models.configs import ModelSpec
 from ..models.denoiser import Denoiser
+from .bos import TOKEN_AXIS, text_token_layers
 
 STATS_FORMAT = "effgen.stats/2"
 TOP_ROWS = 8  # largest-norm rows kept per layer and step
@@ -138,13 +142,28 @@ def encode_conditions(spec: ModelSpec, items: Sequence) -> tuple[torch.Tensor, t
 class Statistics:
     """Per layer: `absmax` (T, C_in) per step and input channel; `rows` (T, R, C_in), a
     uniform sample of input rows per step; `top` (T, TOP_ROWS, C_in), the rows of largest
-    L2 norm per step. `timesteps`: the sampler's timesteps in order."""
+    L2 norm per step. `timesteps`: the sampler's timesteps in order. The `*_after_first`
+    dicts hold the same over tokens 1.. only, for the layers that read text tokens."""
 
     timesteps: list[int]
     absmax: dict[str, torch.Tensor]
     rows: dict[str, torch.Tensor]
     top: dict[str, torch.Tensor]
     meta: dict = dataclasses.field(default_factory=dict)
+    absmax_after_first: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
+    rows_after_first: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
+    top_after_first: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
+
+    def of_layer(self, name: str, skip_first_token: bool = False
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(absmax, rows, top) of a layer, over all its input rows or over tokens 1.. only."""
+        if not skip_first_token:
+            return self.absmax[name], self.rows[name], self.top[name]
+        if name not in self.absmax_after_first:
+            raise ValueError(f"no statistics without the first token for {name}: it does not "
+                             "read the text-token sequence, or the statistics predate BOS-aware "
+                             "support (collect them again)")
+        return self.absmax_after_first[name], self.rows_after_first[name], self.top_after_first[name]
 
     def layer_ranges(self, layers: Sequence[str] | None = None) -> np.ndarray:
         """(T, L) tensor absmax per step and layer."""
@@ -161,6 +180,10 @@ class Statistics:
             tensors[f"{n}::absmax"] = self.absmax[n].contiguous()
             tensors[f"{n}::rows"] = self.rows[n].contiguous()
             tensors[f"{n}::top"] = self.top[n].contiguous()
+        for n in self.absmax_after_first:
+            tensors[f"{n}::absmax_after_first"] = self.absmax_after_first[n].contiguous()
+            tensors[f"{n}::rows_after_first"] = self.rows_after_first[n].contiguous()
+            tensors[f"{n}::top_after_first"] = self.top_after_first[n].contiguous()
         meta = {"format": STATS_FORMAT, "timesteps": json.dumps(self.timesteps),
                 "meta": json.dumps(self.meta, sort_keys=True)}
         _atomic_write_bytes(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
@@ -175,26 +198,72 @@ class Statistics:
         if meta.get("format") != STATS_FORMAT:
             raise ValueError(f"{path}: not an {STATS_FORMAT} file")
         tensors = load_file(str(path))
-        parts: dict[str, dict] = {"absmax": {}, "rows": {}, "top": {}}
+        parts: dict[str, dict] = {w + s: {} for w in ("absmax", "rows", "top") for s in ("", "_after_first")}
         for k, v in tensors.items():
             name, _, what = k.rpartition("::")
             parts[what][name] = v
         return cls(json.loads(meta["timesteps"]), parts["absmax"], parts["rows"], parts["top"],
-                   json.loads(meta["meta"]))
+                   json.loads(meta["meta"]), parts["absmax_after_first"], parts["rows_after_first"],
+                   parts["top_after_first"])
 
 
-class _Recorder:
-    """Forward pre-hooks that fill per-step absmax and a bottom-k row sample."""
+class _RowStats:
+    """Per-step absmax, bottom-k row sample and largest-norm rows of a set of layers."""
 
     def __init__(self, modules: dict[str, torch.nn.Module], steps: int, budget: int, seed: int):
-        self.modules = modules
-        self.step = 0
         self.gen = torch.Generator().manual_seed(seed)
         self.absmax = {n: [None] * steps for n in modules}
         self.rows = {n: [None] * steps for n in modules}
         self.top = {n: [None] * steps for n in modules}
         self.keys = {n: [None] * steps for n in modules}
         self.cap = {n: max(1, budget // in_features(m)) for n, m in modules.items()}
+
+    def add(self, name: str, i: int, flat: torch.Tensor) -> None:
+        """Merge the rows `flat` (N, C_in) seen by layer `name` at step `i`."""
+        amax = flat.abs().amax(dim=0)
+        prev = self.absmax[name][i]
+        self.absmax[name][i] = amax if prev is None else torch.maximum(prev, amax)
+        # Bottom-k by random keys over everything seen: a uniform sample without
+        # replacement of all rows of this layer at this step, whatever the chunking.
+        keys = torch.rand(flat.shape[0], generator=self.gen)
+        k = min(self.cap[name], flat.shape[0])
+        sel = torch.topk(keys, k, largest=False).indices
+        rows, keys = flat[sel], keys[sel]
+        if self.rows[name][i] is not None:
+            rows = torch.cat([self.rows[name][i], rows])
+            keys = torch.cat([self.keys[name][i], keys])
+            if len(keys) > self.cap[name]:
+                sel = torch.topk(keys, self.cap[name], largest=False).indices
+                rows, keys = rows[sel], keys[sel]
+        self.rows[name][i], self.keys[name][i] = rows, keys
+        # The largest-norm rows, merged the same way.
+        top = flat[torch.topk(flat.norm(dim=1), min(TOP_ROWS, flat.shape[0])).indices]
+        if self.top[name][i] is not None:
+            top = torch.cat([self.top[name][i], top])
+            top = top[torch.topk(top.norm(dim=1), min(TOP_ROWS, top.shape[0])).indices]
+        self.top[name][i] = top
+
+    def complete(self) -> list[str]:
+        """The layers that were called at every step."""
+        return [n for n, v in self.absmax.items() if all(a is not None for a in v)]
+
+    def stacked(self, names: Sequence[str]) -> tuple[dict, dict, dict]:
+        return ({n: torch.stack(self.absmax[n]) for n in names},
+                {n: torch.stack(self.rows[n]) for n in names},
+                {n: torch.stack(self.top[n]) for n in names})
+
+
+class _Recorder:
+    """Forward pre-hooks that fill per-step statistics of every layer's input rows and, for
+    the layers that read the text-token sequence, of its tokens 1.. (`after_first`; its own
+    random generator, so the statistics of all rows are the same with or without it)."""
+
+    def __init__(self, modules: dict[str, torch.nn.Module], steps: int, budget: int, seed: int):
+        self.modules = modules
+        self.step = 0
+        self.all_rows = _RowStats(modules, steps, budget, seed)
+        text = text_token_layers(modules)
+        self.after_first = _RowStats({n: modules[n] for n in text}, steps, budget, seed + 1)
         self.handles = []
 
     def __enter__(self):
@@ -208,33 +277,15 @@ class _Recorder:
         self.handles.clear()
 
     def _hook(self, name: str, kind: str):
+        after_first = name in self.after_first.absmax
+
         def hook(module, args):
             x = args[0].detach().float()
             flat = x.movedim(1, -1) if kind == "conv" else x
-            flat = flat.reshape(-1, flat.shape[-1])
-            i = self.step
-            amax = flat.abs().amax(dim=0)
-            prev = self.absmax[name][i]
-            self.absmax[name][i] = amax if prev is None else torch.maximum(prev, amax)
-            # Bottom-k by random keys over everything seen: a uniform sample without
-            # replacement of all rows of this layer at this step, whatever the chunking.
-            keys = torch.rand(flat.shape[0], generator=self.gen)
-            k = min(self.cap[name], flat.shape[0])
-            sel = torch.topk(keys, k, largest=False).indices
-            rows, keys = flat[sel], keys[sel]
-            if self.rows[name][i] is not None:
-                rows = torch.cat([self.rows[name][i], rows])
-                keys = torch.cat([self.keys[name][i], keys])
-                if len(keys) > self.cap[name]:
-                    sel = torch.topk(keys, self.cap[name], largest=False).indices
-                    rows, keys = rows[sel], keys[sel]
-            self.rows[name][i], self.keys[name][i] = rows, keys
-            # The largest-norm rows, merged the same way.
-            top = flat[torch.topk(flat.norm(dim=1), min(TOP_ROWS, flat.shape[0])).indices]
-            if self.top[name][i] is not None:
-                top = torch.cat([self.top[name][i], top])
-                top = top[torch.topk(top.norm(dim=1), min(TOP_ROWS, top.shape[0])).indices]
-            self.top[name][i] = top
+            self.all_rows.add(name, self.step, flat.reshape(-1, flat.shape[-1]))
+            if after_first:
+                rest = x.narrow(TOKEN_AXIS, 1, x.shape[TOKEN_AXIS] - 1)
+                self.after_first.add(name, self.step, rest.reshape(-1, rest.shape[-1]))
 
         return hook
 
@@ -245,8 +296,11 @@ def stats_key(denoiser: Denoiser, items: Sequence, scheduler: dict, steps: int,
            "weights": weights_hash(denoiser), "data": list(items), "noise_seed": seed,
            "scheduler": scheduler, "steps": steps, "guidance": guidance, "budget": budget,
            "sample_size": denoiser.spec.sample_size}
-    text = json.dumps(doc, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest(), doc
+    text_layers = text_token_layers(quantizable_modules(denoiser))
+    if text_layers:  # statistics without token 0 too (calib/bos.py); older entries lack them
+        doc["after_first_token"] = text_layers
+    canonical = json.dumps(doc, sort_keys=True, default=str)
+    return hashlib.sha256(canonical.encode()).hexdigest(), doc
 
 
 def collect_statistics(denoiser: Denoiser, items: Sequence | None = None, n_calib: int = 32,
@@ -302,11 +356,10 @@ def collect_statistics(denoiser: Denoiser, items: Sequence | None = None, n_cali
                    None if cmask is None else cmask[sl], None if umask is None else umask[sl],
                    on_step=on_step)
             bar.update(1)
-    seen = [n for n, v in rec.absmax.items() if all(a is not None for a in v)]  # called every step
-    stats = Statistics(timesteps, {n: torch.stack(rec.absmax[n]) for n in seen},
-                       {n: torch.stack(rec.rows[n]) for n in seen},
-                       {n: torch.stack(rec.top[n]) for n in seen},
-                       {**{k: v for k, v in doc.items() if k != "data"}, "n_items": n, "key": key})
+    absmax, rows, top = rec.all_rows.stacked(rec.all_rows.complete())
+    stats = Statistics(timesteps, absmax, rows, top,
+                       {**{k: v for k, v in doc.items() if k != "data"}, "n_items": n, "key": key},
+                       *rec.after_first.stacked(rec.after_first.complete()))
     if use_cache:
         stats.save(path)
         if log:
