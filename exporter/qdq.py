@@ -16,6 +16,9 @@ small and usable alone:
     rotate_activation  x @ H (H a constant orthonormal Hadamard matrix, one per size)
     quantize_activation  QuantizeLinear -> DequantizeLinear per tensor, scale = amax / 127,
                        int8 zero point 0
+    split_first_token  (BOS-aware layers, calib/bos.py) token 0 of the input through its own
+                       MatMul without activation Q/DQ, tokens 1.. through the layer (and its
+                       Q/DQ), Concat along the token axis
     gemm_split_bias    (ort-cpu, int8) Gemm(A, B, C) -> Gemm(A, B) + Add(C): ONNX Runtime's
                        CPU provider fuses DQ->Gemm into QGemm only without a float bias
     gemm_to_matmul     (int4 on any target; FP weight with int8 activations on ort-cpu)
@@ -48,11 +51,13 @@ import numpy as np
 import onnx
 from onnx import TensorProto
 
+from ..calib.bos import first_token_layers
 from ..calib.plan import LayerPrecision, Plan, TARGETS
 from ..calib.targets import effective_precision
 
 LAYER_OPS = ("MatMul", "Gemm", "Conv")
 QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
+FIRST_TOKEN_SCOPE = "first_token"  # name scope of the token-0 half of a BOS-aware layer
 MIN_OPSET = 21  # INT4 and blocked DequantizeLinear
 EPS = 1e-8  # calib.quantizers.EPS: the smallest amax / weight scale
 
@@ -187,6 +192,8 @@ def quantized_layers(model_or_graph) -> dict[str, str]:
     graph = _as_graph(model_or_graph)
     out = {}
     for m, layers in all_layers(graph).items():
+        if m.endswith(f".{FIRST_TOKEN_SCOPE}"):  # the token-0 half of a BOS-aware layer
+            continue
         for layer in layers:
             w = layer.node.inputs[1]
             if not w.inputs or w.inputs[0].op != "DequantizeLinear":
@@ -496,6 +503,78 @@ def quantize_activation(graph, layer: Layer, amax: float, int8_format: str = "s8
     layer.node.inputs[0] = xd
 
 
+def _int64(graph, name: str, values) -> Any:
+    """An int64 Constant node's output: shape inference reads Slice's starts/ends/axes, and
+    an initializer would go to the external weight file, where it cannot."""
+    gs = _gs()
+    out = gs.Variable(name, dtype=np.int64, shape=[len(values)])
+    graph.nodes.append(gs.Node("Constant", f"{name}/Constant",
+                               attrs={"value": _const(f"{name}_value", np.array(values, np.int64))},
+                               outputs=[out]))
+    return out
+
+
+def split_first_token(graph, layer: Layer, first_weight, first_token=None):
+    """MixDQ's BOS-aware layer (calib/bos.py): the layer's MatMul runs on tokens 1.. of its
+    input, a second MatMul with `first_weight` runs on token 0, and their results are
+    concatenated along the token axis into the layer's output (what follows, the bias Add, is
+    unchanged). Run before `quantize_activation`, which then quantizes tokens 1.. only:
+
+        x -> Slice[0:1] -----------------> MatMul(first_weight) --+
+        x -> Slice[1:]  -> (Q -> DQ) ----> MatMul(W) -------------+-- Concat(tokens) -> y
+
+    Token 0 has no Q/DQ: TensorRT runs that MatMul with a float activation (weight-only when
+    `first_weight` is the layer's DQ'd weight). `first_weight`: the layer's (dequantized)
+    weight tensor, or a float constant of the same values where the target cannot run a
+    weight DQ in front of a float activation (ONNX Runtime CPU). `first_token`: token 0 of the
+    input, already sliced by a layer that shares this layer's input path (the caller then
+    gives the layer the shared quantized tokens 1..). Returns the token-0 tensor."""
+    from ..calib.bos import TOKEN_AXIS
+
+    gs = _gs()
+    node, scope, m = layer.node, f"{layer.scope}/{FIRST_TOKEN_SCOPE}", layer.module
+    x = node.inputs[0]
+    if layer.op != "MatMul" or (x.shape is not None and len(x.shape) != 3):
+        raise QdqError(f"{m}: a BOS-aware layer must be a MatMul on (batch, tokens, features), "
+                       f"got {layer.op} on shape {x.shape}")
+    if first_token is None:
+        first_token = gs.Variable(f"{m}.input_first_token", dtype=np.float32)
+        rest = gs.Variable(f"{m}.input_after_first_token", dtype=np.float32)
+        axes, one = _int64(graph, f"{m}.token_axis", [TOKEN_AXIS]), _int64(graph, f"{m}.token_1", [1])
+        graph.nodes.append(gs.Node("Slice", f"{scope}/Slice", inputs=[
+            x, _int64(graph, f"{m}.token_0", [0]), one, axes], outputs=[first_token]))
+        graph.nodes.append(gs.Node("Slice", f"{layer.scope}/after_{FIRST_TOKEN_SCOPE}/Slice", inputs=[
+            x, one, _int64(graph, f"{m}.token_end", [np.iinfo(np.int64).max]), axes], outputs=[rest]))
+        node.inputs[0] = rest
+    y = node.outputs[0]
+    y_first = gs.Variable(f"{m}.output_first_token", dtype=np.float32)
+    y_rest = gs.Variable(f"{m}.output_after_first_token", dtype=np.float32)
+    graph.nodes.append(gs.Node("MatMul", f"{scope}/MatMul", inputs=[first_token, first_weight],
+                               outputs=[y_first]))
+    node.outputs[0] = y_rest
+    graph.nodes.append(gs.Node("Concat", f"{scope}/Concat", attrs={"axis": TOKEN_AXIS},
+                               inputs=[y_first, y_rest], outputs=[y]))
+    return first_token
+
+
+def _dequantized_weight(layer: Layer) -> np.ndarray:
+    """The float values of the layer's weight: the constant itself, or its int8 per-channel
+    DequantizeLinear computed here (what the DQ would produce)."""
+    gs = _gs()
+    w = layer.node.inputs[1]
+    if isinstance(w, gs.Constant):
+        return _values(w).astype(np.float32)
+    dq = w.inputs[0]
+    if len(dq.inputs) < 3 or _dtype_of(dq.inputs[0]) not in (TensorProto.INT8, TensorProto.UINT8):
+        raise QdqError(f"{layer.module}: the float copy of a BOS-aware weight needs an int8 "
+                       "per-channel weight with a zero point")
+    q, scale, zp = (_values(t) for t in dq.inputs[:3])
+    shape = [1] * q.ndim
+    shape[int(dq.attrs.get("axis", 1))] = -1
+    return ((q.astype(np.float32) - zp.astype(np.float32).reshape(shape))
+            * scale.astype(np.float32).reshape(shape)).astype(np.float32)
+
+
 def _act_scale(amax: float) -> np.float32:
     """calib.quantizers.fake_quant_per_tensor: max(amax, EPS) / 127 in float32."""
     return np.float32(max(np.float32(amax), np.float32(EPS))) / np.float32(127)
@@ -584,12 +663,15 @@ class LayerLowering:
     effective: LayerPrecision
     smooth: str | None = None  # "mul" | "folded" | None
     rotate: bool = False
+    first_token_fp: bool = False  # BOS-aware: token 0 bypasses the activation Q/DQ
     input_scale: str | None = None  # the activation-scale initializer (differs per variant)
     shares_input_with: str | None = None  # a layer whose Mul/Q/DQ path this one reuses
 
     def to_json(self) -> dict[str, Any]:
         out = {"op": self.op, "planned": self.planned.to_json(), "effective": self.effective.to_json(),
                "precision": _describe(self.effective), "smooth": self.smooth, "rotate": self.rotate}
+        if self.first_token_fp:
+            out["first_token_fp"] = True
         if self.shares_input_with:
             out["shares_input_with"] = self.shares_input_with
         return out
@@ -655,6 +737,7 @@ def lower(model: onnx.ModelProto, plan: Plan, scales: Mapping[str, Any], target:
     graph = gs.import_onnx(model)
     todo = plan_layers(graph, plan, target)
     rotated = set(rotated_modules(plan, {m: l for m, (l, _) in todo.items()}))
+    first_token = set(first_token_layers(plan.techniques, {m: eff for m, (_, eff) in todo.items()}))
     report: dict[str, LayerLowering] = {}
     hadamards: dict[int, Any] = {}
     # Weights first (smooth, rotate, quantize), then the activation paths, so that a
@@ -682,8 +765,9 @@ def lower(model: onnx.ModelProto, plan: Plan, scales: Mapping[str, Any], target:
         if eff.w_bits == 8:  # ORT must open every target's graph (trt bundles run on ORT too)
             bias_to_2d(layer)
     # Layers that read the same tensor through the same path (smoothing vector, rotation,
-    # activation amax of every group: q/k/v without smoothing) share one Mul/MatMul/Q/DQ.
-    paths: dict[tuple, tuple[str, Any]] = {}
+    # activation amax of every group: q/k/v without smoothing) share one Mul/MatMul/Q/DQ
+    # (BOS-aware k/v: and the token-0 Slice).
+    paths: dict[tuple, tuple[str, Any, Any]] = {}
     for m, (layer, eff) in sorted(todo.items()):
         rep = report[m]
         s = _scale(scales, m, "smooth")
@@ -692,10 +776,19 @@ def lower(model: onnx.ModelProto, plan: Plan, scales: Mapping[str, Any], target:
         if quant_act and (amax is None or _np(amax).shape != (len(plan.timestep_groups),)):
             raise QdqError(f"scales: {m}.a_amax must have one value per timestep group "
                            f"({len(plan.timestep_groups)})")
+        rep.first_token_fp = m in first_token
+        # ORT CPU fuses a weight DQ only with a quantized activation: token 0 gets a float
+        # copy of the dequantized weight there; TensorRT reads the one DQ'd weight twice.
+        first_weight = None
+        if rep.first_token_fp:
+            first_weight = (_const(f"{m}.weight_dequantized_{FIRST_TOKEN_SCOPE}", _dequantized_weight(layer))
+                            if target == "ort-cpu" else layer.node.inputs[1])
         key = (layer.node.inputs[0].name, None if s is None else _np(s).tobytes(), rep.rotate,
-               None if amax is None else _np(amax).tobytes())
+               None if amax is None else _np(amax).tobytes(), rep.first_token_fp)
         if key in paths and (s is not None or rep.rotate or quant_act):
-            first, tensor = paths[key]
+            first, tensor, token0 = paths[key]
+            if rep.first_token_fp:
+                split_first_token(graph, layer, first_weight, token0)
             layer.node.inputs[0] = tensor
             rep.smooth, rep.input_scale, rep.shares_input_with = (
                 report[first].smooth, report[first].input_scale, first)
@@ -704,11 +797,12 @@ def lower(model: onnx.ModelProto, plan: Plan, scales: Mapping[str, Any], target:
             rep.smooth = smooth_activation(graph, layer, s, fold=fold_smoothing)
         if rep.rotate:
             rotate_activation(graph, layer, hadamards[layer.in_features])
+        token0 = split_first_token(graph, layer, first_weight) if rep.first_token_fp else None
         if quant_act:
             quantize_activation(graph, layer, float(_np(amax)[group]), int8_format)
             rep.input_scale = activation_scale_name(m)
         # per-token A8 exists only as ort-cpu W4 (MatMulNBits quantizes its input itself).
-        paths[key] = (m, layer.node.inputs[0])
+        paths[key] = (m, layer.node.inputs[0], token0)
     constants_to_initializers(graph)
     graph.cleanup().toposort()
     out = gs.export_onnx(graph)
