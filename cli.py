@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -314,6 +315,102 @@ def _add_calib_parsers(sub) -> None:
 
 
 
+def cmd_plan(args) -> int:
+    from .calib.allocate import DEFAULT_TECHNIQUES, plan_model
+    from .calib.plan import PlanError, read_plan_file
+    from .calib.quantizers import describe
+    from .calib.sensitivity import DEFAULT_CONTENT_RULES
+    from .models.denoiser import load_denoiser
+    from .runtime.bundle import write_json_atomic
+
+    if args.threads > 0:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    if args.out.exists() and args.out.is_dir():
+        raise ValueError(f"--out {args.out} is a directory; give the plan file's path")
+    techniques = dict(DEFAULT_TECHNIQUES)
+    if args.techniques_from is not None:
+        raw = read_plan_file(args.techniques_from)
+        if not isinstance(raw, dict) or not isinstance(raw.get("techniques", {}), dict):
+            raise PlanError(f"{args.techniques_from}: techniques: expected an object")
+        techniques = dict(raw.get("techniques", {}))
+    if args.bos_aware is not None:
+        techniques["bos_aware"] = args.bos_aware
+    denoiser = load_denoiser(args.model, args.checkpoint)
+    command = "effgen " + shlex.join(args.argv)
+    t0 = time.perf_counter()
+    plan, sens, result = plan_model(
+        denoiser, weight_bits=args.weight_bits, weight_mb=args.weight_mb, act_bits=args.act_bits,
+        content_weight=args.content_weight, allocator=args.allocator, techniques=techniques,
+        target=args.target, per_timestep=args.per_timestep, command=command,
+        log=_calib_log, n_prompts=args.n_prompts, steps=args.steps, n_calib=args.n_calib,
+        content_rules=args.content_rule or DEFAULT_CONTENT_RULES, use_cache=not args.no_cache)
+    if args.report is not None:
+        from .calib.report import write_report
+
+        index = write_report(args.report, sens, plan)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(args.out, plan)
+    counts: dict = {}
+    for n in sens.layers:
+        label = describe(sens.candidates[result.choice[sens.layers.index(n)]])
+        counts[label] = counts.get(label, 0) + 1
+    got = plan["provenance"]["achieved"]
+    print(f"{sens.model} on {sens.target}: {len(sens.layers)} layers ("
+          + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())) + f"); "
+          f"{got['weight_bits']:.3f} weight bits, {got['act_bits_planned']:.2f} activation bits "
+          f"planned ({got['act_bits_effective']:.2f} as run), {got['weight_mb']:.3f} MB; "
+          f"{args.allocator}: {result.status}, {time.perf_counter() - t0:.0f}s")
+    print(f"wrote {args.out}" + (f" and {index}" if args.report is not None else ""))
+    return 0
+
+
+def _add_plan_parser(sub) -> None:
+    pl = sub.add_parser(
+        "plan", help="mixed-precision plan: per-layer sensitivity + integer-programming bit allocation",
+        description="Measure every layer's sensitivity at each candidate precision (W4/W8 x "
+        "A8/A16), quantized alone for the target: content layers (cross-attention, FFN) by SSIM "
+        "of final images against FP, quality layers by SQNR of the denoiser output (cached under "
+        "$EFFGEN_CACHE or ~/.cache/effgen). Then choose one precision per layer that minimises "
+        "the summed normalised loss within the budget (integer program, scipy milp/HiGHS, or "
+        "the greedy baseline) and write an effgen.plan/1 file with a resolved `layers` map.")
+    pl.add_argument("model", help="model name (pixart = pixart-ref, dit = dit-ref, pixart-tiny, ...)")
+    budget = pl.add_mutually_exclusive_group(required=True)
+    budget.add_argument("--weight-bits", type=float, default=None,
+                        help="average weight bits of the allocatable layers, weighted by parameters (e.g. 4.5)")
+    budget.add_argument("--weight-mb", type=float, default=None,
+                        help="weight megabytes (1e6 bytes) of the whole denoiser as shipped on the target")
+    pl.add_argument("--act-bits", type=float, default=8.0,
+                    help="average planned activation bits, weighted by each layer's input size "
+                    "(default 8: no A16 layers; 16: no activation budget)")
+    pl.add_argument("--out", type=Path, required=True, help="plan JSON to write")
+    pl.add_argument("--allocator", choices=["ilp", "greedy"], default="ilp")
+    pl.add_argument("--content-weight", type=float, default=0.5,
+                    help="weight of the content layers' normalised loss (quality layers: 1 - W)")
+    pl.add_argument("--per-timestep", action="store_true",
+                    help="measure per timestep group and allocate for the worst group")
+    pl.add_argument("--content-rule", action="append", default=None, metavar="REGEX",
+                    help="layers judged by final-image SSIM (repeat; default: \\.attn2\\. and \\.ff\\.)")
+    pl.add_argument("--target", choices=["ort-cpu", "trt", "trt-orin"], default="trt")
+    pl.add_argument("--techniques-from", type=Path, default=None,
+                    help="take the techniques (smoothing, act_scale, timestep_grouping, ...) from this "
+                    "plan (default: those of samples/plans/w4a8.json with bos_aware)")
+    bos = pl.add_mutually_exclusive_group()
+    bos.add_argument("--bos-aware", dest="bos_aware", action="store_true", default=None,
+                     help="MixDQ BOS-aware text embedding on (the default)")
+    bos.add_argument("--no-bos-aware", dest="bos_aware", action="store_false")
+    pl.add_argument("--report", type=Path, default=None,
+                    help="directory for an HTML report with plots")
+    pl.add_argument("--n-prompts", type=int, default=4, help="prompts of the sensitivity runs")
+    pl.add_argument("--steps", type=int, default=8, help="sampler steps of the sensitivity runs")
+    pl.add_argument("--n-calib", type=int, default=32, help="calibration prompts for the scales")
+    pl.add_argument("--checkpoint", type=Path, default=None, help="local diffusers folder")
+    pl.add_argument("--no-cache", action="store_true", help="recompute statistics and sensitivities")
+    pl.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
+    pl.set_defaults(func=cmd_plan)
+
+
 def cmd_check(args) -> int:
     """Every graph of the bundle against the target's rules; exit 1 naming each violation."""
     from .exporter.qdq import check_file, describe_target_rules, ort_unfused
@@ -454,13 +551,16 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--json", type=Path, default=None)
     m.set_defaults(func=cmd_plan_memory)
     _add_calib_parsers(sub)
+    _add_plan_parser(sub)
     _add_check_parser(sub)
     return p
 
 
 @fail_cleanly
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv  # the command line, recorded in what a command writes (effgen plan)
     return args.func(args)
 
 

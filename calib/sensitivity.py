@@ -1,0 +1,443 @@
+"""Metric-decoupled layer sensitivity (ViDiT-Q, MixDQ; DESIGN §6).
+
+For every layer the allocator may quantize and every candidate precision, the layer alone is
+quantized (everything else stays FP) with the scales `calibrate` gives it, and its effect is
+measured with the metric that fits what the layer touches:
+
+- content layers (cross-attention `attn2` and the FFN `ff` by default: what is drawn, where,
+  in which colour): SSIM of the final images against the FP images from the same noise,
+  loss = 1 - mean SSIM. A latent model's final samples are not images (they need the VAE)
+  and images under 11 pixels a side have no SSIM window: there the content metric falls
+  back to the SQNR of the final sample, and `meta.content_metric` says so.
+- quality layers (everything else): SQNR of the denoiser output against FP over a fixed
+  batch of (x_t, t, condition) inputs captured from the FP sampler,
+  loss = noise power / signal power = 10^(-SQNR/10). Quantization noises of different
+  layers add in power to first order, which is what lets the allocator sum losses.
+
+Both metrics use one FP sampler run (N calibration prompts, a few sampler steps): its
+final images are the SSIM reference and its denoiser inputs are the SQNR batch. A layer's
+candidates that the target runs at the same effective precision (on TensorRT W4A8 and W4A16
+are both W4A16) are measured once.
+
+With `per_timestep`, losses are also measured per timestep group: SQNR over the captured
+steps of each group, SSIM with the layer quantized only during that group's steps.
+
+Results are cached as JSON next to the statistics cache ($EFFGEN_CACHE or ~/.cache/effgen,
+folder sensitivity/), keyed by model name, weights hash, prompts, sampler, candidates,
+target, techniques and group rules.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import re
+import sys
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+
+from .plan import FORMAT, FP, LayerPrecision, Plan
+from .stats import (CALIB_SEED, cache_dir, calibration_items, collect_statistics, encode_conditions,
+                    in_features, module_kind, quantizable_modules, weights_hash)
+
+SENSITIVITY_FORMAT = "effgen.sensitivity/1"
+# (w_bits, a_bits) a layer may be planned at.
+DEFAULT_CANDIDATES: tuple[tuple[int, int], ...] = ((4, 8), (4, 16), (8, 8), (8, 16))
+# Weight granularity per weight width, as in samples/plans/w4a8.json and w8a8.json.
+W_GRANULARITY = {4: "block32", 8: "per_channel"}
+# Layers whose effect shows in what the image depicts: cross-attention and the FFN (MixDQ's
+# "content" layers); the rest (self-attention, ...) are judged by the output's SQNR.
+DEFAULT_CONTENT_RULES: tuple[str, ...] = (r"\.attn2\.", r"\.ff\.")
+SSIM_MIN_SIDE = 11  # metrics.ssim's window
+
+
+class SensitivityError(ValueError):
+    """Bad input to the sensitivity measurement; one line."""
+
+
+def candidate_precision(w_bits: int, a_bits: int) -> LayerPrecision:
+    if w_bits not in W_GRANULARITY or a_bits not in (4, 8, 16):
+        raise SensitivityError(f"candidate W{w_bits}A{a_bits}: weights must be 4 or 8 bits and "
+                               "activations 4, 8 or 16")
+    return LayerPrecision(w_bits, a_bits, W_GRANULARITY[w_bits], "per_tensor")
+
+
+def layer_families(layers: Sequence[str], content_rules: Sequence[str] = DEFAULT_CONTENT_RULES
+                   ) -> dict[str, str]:
+    """'content' for the layers any of `content_rules` (regexes, searched) selects, else
+    'quality'."""
+    rxs = []
+    for i, pattern in enumerate(content_rules):
+        try:
+            rxs.append(re.compile(pattern))
+        except re.error as e:
+            raise SensitivityError(f"content rule {i} {pattern!r} is not a regular expression ({e})") from None
+    return {n: "content" if any(rx.search(n) for rx in rxs) else "quality" for n in layers}
+
+
+def allocatable_layers(denoiser) -> list[str]:
+    """The layers the allocator chooses precisions for: every quantizable module except the
+    family's default-FP ones (embedders, adaLN modulation, final layer)."""
+    from .calibrate import DEFAULT_FP
+
+    rxs = [re.compile(p) for p in DEFAULT_FP.get(denoiser.spec.family, [])]
+    return [n for n in quantizable_modules(denoiser) if not any(rx.fullmatch(n) for rx in rxs)]
+
+
+@dataclasses.dataclass
+class Sensitivity:
+    """Losses per layer and candidate (index into `candidates`).
+
+    loss[layer][c]: 1 - SSIM (content) or noise/signal power (quality), over all steps;
+    metric[layer][c]: the raw metric (SSIM, or SQNR in dB);
+    group_loss[layer][g][c]: the same loss per timestep group (only with per_timestep);
+    effective[layer][c]: the precision the target runs candidate c at;
+    params[layer]: weight values; weight_shape[layer]; act_elems[layer]: input values per
+    image and denoiser call; kind[layer]: 'linear' | 'conv';
+    other_weight_bytes: bytes of everything that is not an allocatable layer's weight, on
+    the target (FP).
+    """
+
+    model: str
+    target: str
+    candidates: list[LayerPrecision]
+    layers: list[str]
+    family: dict[str, str]
+    loss: dict[str, list[float]]
+    metric: dict[str, list[float]]
+    effective: dict[str, list[LayerPrecision]]
+    params: dict[str, int]
+    weight_shape: dict[str, list[int]]
+    act_elems: dict[str, int]
+    kind: dict[str, str]
+    other_weight_bytes: int
+    techniques: dict[str, Any]
+    timestep_groups: list[tuple[int, int]]
+    group_loss: dict[str, list[list[float]]] | None = None
+    meta: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["format"] = SENSITIVITY_FORMAT
+        d["candidates"] = [p.to_json() for p in self.candidates]
+        d["effective"] = {n: [p.to_json() for p in ps] for n, ps in self.effective.items()}
+        d["timestep_groups"] = [list(g) for g in self.timestep_groups]
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "Sensitivity":
+        if d.get("format") != SENSITIVITY_FORMAT:
+            raise SensitivityError(f"not an {SENSITIVITY_FORMAT} document")
+        d = {k: v for k, v in d.items() if k != "format"}
+        d["candidates"] = [LayerPrecision(**p) for p in d["candidates"]]
+        d["effective"] = {n: [LayerPrecision(**p) for p in ps] for n, ps in d["effective"].items()}
+        d["timestep_groups"] = [tuple(g) for g in d["timestep_groups"]]
+        return cls(**d)
+
+
+# --- one layer quantized -------------------------------------------------------------------
+
+
+class _GroupGate(torch.nn.Module):
+    """Runs the quantized module during one timestep group and the FP module otherwise."""
+
+    def __init__(self, fp: torch.nn.Module, quantized: torch.nn.Module, ctx, group: int):
+        super().__init__()
+        self.fp, self.quantized, self.ctx, self.group = fp, quantized, ctx, group
+
+    def forward(self, *args, **kwargs):
+        module = self.quantized if self.ctx.current() == self.group else self.fp
+        return module(*args, **kwargs)
+
+
+def _set_module(root: torch.nn.Module, name: str, new: torch.nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent_name) if parent_name else root, child, new)
+
+
+@contextlib.contextmanager
+def quantized_alone(denoiser: torch.nn.Module, plan: Plan, scales: dict[str, torch.Tensor],
+                    layer: str, group: int | None = None):
+    """`denoiser` with only `layer` quantized as `plan` (calibrated with `scales`) says, by the
+    public `quantize_`; with `group`, only during that timestep group. Yields the SimContext;
+    on exit every module `quantize_` swapped is put back, so the model is FP again."""
+    from .simulate import _ATTR, quantize_
+
+    single = dataclasses.replace(plan, layers={n: (p if n == layer else FP)
+                                               for n, p in plan.layers.items()})
+    before = dict(denoiser.named_modules())
+    ctx = quantize_(denoiser, single, scales)
+    swapped: dict[str, torch.nn.Module] = {}
+    for name, module in before.items():
+        if not name or any(name.startswith(s + ".") for s in swapped):
+            continue
+        try:
+            now = denoiser.get_submodule(name)
+        except AttributeError:
+            now = None
+        if now is not module:
+            swapped[name] = now
+    try:
+        if group is not None:
+            for name, new in swapped.items():
+                _set_module(denoiser, name, _GroupGate(before[name], new, ctx, group))
+        yield ctx
+    finally:
+        for name in swapped:
+            _set_module(denoiser, name, before[name])
+        if hasattr(denoiser, _ATTR):
+            delattr(denoiser, _ATTR)
+
+
+# --- the FP reference run ------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class _Reference:
+    inputs: list[tuple]  # denoiser args per sampler step
+    outputs: list[torch.Tensor]  # FP denoiser outputs (first in_channels channels)
+    timesteps: list[int]
+    final: torch.Tensor  # FP final samples (N, C, H, W)
+    noise: np.ndarray
+    conditions: tuple
+
+
+def _fp_reference(denoiser, items: Sequence, steps: int, guidance: float) -> _Reference:
+    from ..runtime.pipeline import initial_noise
+
+    spec = denoiser.spec
+    noise = initial_noise((spec.in_channels, spec.sample_size, spec.sample_size), CALIB_SEED, len(items))
+    conditions = encode_conditions(spec, items)
+    inputs, outputs, timesteps = [], [], []
+
+    def pre(module, args):
+        inputs.append(tuple(a.clone() if isinstance(a, torch.Tensor) else a for a in args))
+
+    def post(module, args, out):
+        outputs.append(out[:, :spec.in_channels].clone())
+
+    h1, h2 = denoiser.register_forward_pre_hook(pre), denoiser.register_forward_hook(post)
+    try:
+        final = _sample(denoiser, noise, conditions, steps, guidance,
+                        on_step=lambda i, t: timesteps.append(int(t)))
+    finally:
+        h1.remove()
+        h2.remove()
+    return _Reference(inputs, outputs, timesteps, final, noise, conditions)
+
+
+def _sample(denoiser, noise, conditions, steps, guidance, on_step=None) -> torch.Tensor:
+    from ..models.sampling import sample
+
+    cond, uncond, cmask, umask = conditions
+    return sample(denoiser, noise, cond, uncond, denoiser.spec.scheduler, steps, guidance,
+                  cmask, umask, on_step=on_step)
+
+
+def _input_elements(denoiser, ref: _Reference, layers: Sequence[str]) -> dict[str, int]:
+    """Input values per image of each layer in one denoiser call (tokens x features)."""
+    modules = quantizable_modules(denoiser)
+    seen: dict[str, int] = {}
+    batch = ref.inputs[0][0].shape[0]
+
+    def hook(name):
+        def record(module, args):  # returns None: the input goes on unchanged
+            seen.setdefault(name, args[0].numel() // batch)
+        return record
+
+    handles = [modules[n].register_forward_pre_hook(hook(n)) for n in layers]
+    try:
+        with torch.no_grad():
+            denoiser(*ref.inputs[0])
+    finally:
+        for h in handles:
+            h.remove()
+    return {n: int(seen.get(n, 0)) for n in layers}
+
+
+def _noise_ratio(q: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
+    """(noise power, signal power) of `q` against `ref`."""
+    return float(((q - ref) ** 2).sum()), float((ref ** 2).sum())
+
+
+def _ratio_to_db(noise: float, signal: float) -> float:
+    if noise == 0:
+        return float("inf")
+    return 10 * np.log10(signal / noise) if signal > 0 else float("-inf")
+
+
+# --- measurement ---------------------------------------------------------------------------
+
+
+def sensitivity_key(doc: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()
+
+
+@torch.no_grad()
+def measure_sensitivity(denoiser, techniques: dict[str, Any] | None = None, target: str = "trt", *,
+                        candidates: Sequence[tuple[int, int]] = DEFAULT_CANDIDATES,
+                        content_rules: Sequence[str] = DEFAULT_CONTENT_RULES,
+                        per_timestep: bool = False, n_prompts: int = 4, steps: int = 8,
+                        guidance: float | None = None, n_calib: int = 32, stats=None,
+                        use_cache: bool = True, cache: str | Path | None = None,
+                        progress: bool = True,
+                        log: Callable[[str], None] | None = None) -> Sensitivity:
+    """Loss of every allocatable layer of `denoiser` at every candidate (w_bits, a_bits),
+    quantized alone for `target` with `techniques` (smoothing, act_scale, timestep_grouping,
+    ... of a plan), from the cache when seen before. `n_calib` prompts calibrate the scales
+    (the statistics `effgen calib` uses and caches); `n_prompts` prompts with `steps` sampler
+    steps measure."""
+    from tqdm import tqdm
+
+    from ..runtime.bundle import write_json_atomic
+    from ..runtime.images import to_uint8
+    from .calibrate import calibrate
+    from .cost import weight_bytes
+    from .timesteps import group_index
+
+    spec = denoiser.spec
+    techniques = dict(techniques or {})
+    if n_prompts < 1 or steps < 1:
+        raise SensitivityError("sensitivity needs at least one prompt and one sampler step")
+    cands = [candidate_precision(w, a) for w, a in candidates]
+    if not cands:
+        raise SensitivityError("no candidate precisions")
+    layers = allocatable_layers(denoiser)
+    if not layers:
+        raise SensitivityError(f"{spec.name} has no layers to allocate precisions for")
+    family = layer_families(layers, content_rules)
+    guidance = float(spec.guidance if guidance is None else guidance)
+    items = calibration_items(spec, n_prompts)
+    pixel_images = (not spec.latent_space and spec.in_channels == 3
+                    and spec.sample_size >= SSIM_MIN_SIDE)
+    content_metric = "ssim" if pixel_images else "final_sqnr"
+    doc = {"format": SENSITIVITY_FORMAT, "model": spec.name, "weights": weights_hash(denoiser),
+           "items": items, "steps": steps, "guidance": guidance, "scheduler": spec.scheduler,
+           "n_calib": n_calib, "candidates": [p.to_json() for p in cands], "target": target,
+           "techniques": techniques, "content_rules": list(content_rules),
+           "per_timestep": per_timestep, "noise_seed": CALIB_SEED,
+           "stats": None if stats is None else stats.meta.get("key")}
+    key = sensitivity_key(doc)
+    path = Path(cache or cache_dir()) / "sensitivity" / f"{spec.name}-{key[:24]}.json"
+    if use_cache and path.is_file():
+        try:
+            result = Sensitivity.from_json(json.loads(path.read_text()))
+            if log:
+                log(f"sensitivity from cache {path}")
+            return result
+        except Exception as e:  # a damaged cache entry is recomputed, not fatal
+            if log:
+                log(f"ignoring unreadable sensitivity cache {path}: {e}")
+
+    if stats is None:
+        stats = collect_statistics(denoiser, n_calib=n_calib, use_cache=use_cache, cache=cache,
+                                   progress=progress, log=log)
+    # One calibration per candidate: every allocatable layer at that precision, so each
+    # layer gets exactly the scales (smoothing, weight scales, activation amax per group)
+    # it would get in a plan that chooses this candidate for it.
+    calibrated: list[tuple[Plan, dict]] = []
+    for p in cands:
+        raw = {"format": FORMAT, "model": spec.name, "target": target, "techniques": techniques,
+               "layers": {n: p.to_json() for n in layers}}
+        calibrated.append(calibrate(denoiser, raw, target, stats=stats, progress=False))
+    groups = calibrated[0][0].timestep_groups
+    modules = quantizable_modules(denoiser)
+    effective = {n: [LayerPrecision(**plan.provenance["effective"][n]) for plan, _ in calibrated]
+                 for n in layers}
+
+    ref = _fp_reference(denoiser, items, steps, guidance)
+    step_group = [group_index(groups, t) for t in ref.timesteps]
+    fp_images = to_uint8(ref.final.numpy()) if pixel_images else None
+    G = len(groups) if per_timestep else 0
+
+    def quality_losses(ctx) -> tuple[float, float, list[float]]:
+        noise = np.zeros(len(groups))
+        signal = np.zeros(len(groups))
+        for args, out, t, g in zip(ref.inputs, ref.outputs, ref.timesteps, step_group):
+            ctx.set_timestep(t)
+            q = denoiser(*args)[:, :spec.in_channels]
+            n_, s_ = _noise_ratio(q, out)
+            noise[g] += n_
+            signal[g] += s_
+        total = noise.sum() / signal.sum()
+        per_group = [float(noise[g] / signal[g]) if signal[g] else 0.0 for g in range(len(groups))]
+        return float(total), _ratio_to_db(noise.sum(), signal.sum()), per_group
+
+    def content_loss(ctx) -> tuple[float, float]:
+        final = _sample(denoiser, ref.noise, ref.conditions, steps, guidance, on_step=ctx.on_step)
+        if pixel_images:
+            from ..metrics import ssim
+
+            s = float(np.mean(ssim(to_uint8(final.numpy()), fp_images)))
+            return max(0.0, 1.0 - s), s
+        n_, s_ = _noise_ratio(final, ref.final)
+        return n_ / s_, _ratio_to_db(n_, s_)
+
+    loss = {n: [0.0] * len(cands) for n in layers}
+    metric = {n: [0.0] * len(cands) for n in layers}
+    group_loss = {n: [[0.0] * len(cands) for _ in range(G)] for n in layers} if per_timestep else None
+    # Candidates of a layer with one effective precision are measured once.
+    work = []
+    for n in layers:
+        firsts: dict[LayerPrecision, int] = {}
+        for c, e in enumerate(effective[n]):
+            firsts.setdefault(e, c)
+        work.append((n, firsts))
+    units = sum(len(f) * (1 + (G if family[n] == "content" else 0)) for n, f in work)
+    with tqdm(total=units, desc=f"sensitivity ({spec.name}, {target})", unit="run",
+              file=sys.stderr, disable=not progress) as bar:
+        for n, firsts in work:
+            for e, c0 in firsts.items():
+                plan, scales = calibrated[c0]
+                if e.is_fp:
+                    values = (0.0, float("inf") if family[n] == "quality" or not pixel_images else 1.0,
+                              [0.0] * len(groups))
+                    bar.update(1 + (G if family[n] == "content" else 0))
+                elif family[n] == "quality":
+                    with quantized_alone(denoiser, plan, scales, n) as ctx:
+                        values = quality_losses(ctx)
+                    bar.update(1)
+                else:
+                    with quantized_alone(denoiser, plan, scales, n) as ctx:
+                        total, raw = content_loss(ctx)
+                    bar.update(1)
+                    per_group = []
+                    for g in range(G):
+                        with quantized_alone(denoiser, plan, scales, n, group=g) as ctx:
+                            per_group.append(content_loss(ctx)[0])
+                        bar.update(1)
+                    values = (total, raw, per_group)
+                for c, e2 in enumerate(effective[n]):
+                    if e2 != e:
+                        continue
+                    loss[n][c], metric[n][c] = values[0], values[1]
+                    if group_loss is not None:
+                        for g in range(G):
+                            group_loss[n][g][c] = values[2][g]
+
+    allocatable_bytes = sum(modules[n].weight.numel() for n in layers) * (2 if target.startswith("trt") else 4)
+    result = Sensitivity(
+        model=spec.name, target=target, candidates=cands, layers=layers, family=family,
+        loss=loss, metric=metric, effective=effective,
+        params={n: int(modules[n].weight.numel()) for n in layers},
+        weight_shape={n: list(modules[n].weight.shape) for n in layers},
+        act_elems=_input_elements(denoiser, ref, layers),
+        kind={n: module_kind(modules[n]) for n in layers},
+        other_weight_bytes=int(weight_bytes(denoiser, None, target) - allocatable_bytes),
+        techniques=techniques, timestep_groups=[tuple(g) for g in groups], group_loss=group_loss,
+        meta={"key": key, "content_metric": content_metric, "quality_metric": "sqnr",
+              "n_prompts": n_prompts, "steps": steps, "guidance": guidance,
+              "sampler_timesteps": ref.timesteps, "content_rules": list(content_rules),
+              "statistics": stats.meta.get("key"), "weights": doc["weights"],
+              "in_features": {n: in_features(modules[n]) for n in layers}})
+    if use_cache:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(path, result.to_json())
+        if log:
+            log(f"sensitivity cached in {path}")
+    return result
