@@ -36,6 +36,7 @@ def _plots(out: Path, sens, plan: dict[str, Any]) -> list[tuple[str, str]]:
     import matplotlib.pyplot as plt
 
     from .allocate import _weight_bytes_table
+    from .cost import fp_bytes
     from .quantizers import describe
 
     layers = sens.layers
@@ -80,7 +81,7 @@ def _plots(out: Path, sens, plan: dict[str, Any]) -> list[tuple[str, str]]:
     table = _weight_bytes_table(sens)
     choice = [labels.index(scores[n]["chosen"]) for n in layers]
     blocks = sorted({_block(n) for n in layers}, key=lambda b: (b == "other", len(b), b))
-    fp_b = 2 if sens.target.startswith("trt") else 4
+    fp_b = fp_bytes(sens.target)
     per_block = {b: [0.0, 0.0] for b in blocks}
     for l, n in enumerate(layers):
         per_block[_block(n)][0] += table[l, choice[l]]

@@ -297,7 +297,7 @@ def measure_sensitivity(denoiser, techniques: dict[str, Any] | None = None, targ
     from ..runtime.bundle import write_json_atomic
     from ..runtime.images import to_uint8
     from .calibrate import calibrate
-    from .cost import weight_bytes
+    from .cost import fp_bytes, weight_bytes
     from .timesteps import group_index
 
     spec = denoiser.spec
@@ -420,7 +420,7 @@ def measure_sensitivity(denoiser, techniques: dict[str, Any] | None = None, targ
                         for g in range(G):
                             group_loss[n][g][c] = values[2][g]
 
-    allocatable_bytes = sum(modules[n].weight.numel() for n in layers) * (2 if target.startswith("trt") else 4)
+    allocatable_bytes = sum(modules[n].weight.numel() for n in layers) * fp_bytes(target)
     result = Sensitivity(
         model=spec.name, target=target, candidates=cands, layers=layers, family=family,
         loss=loss, metric=metric, effective=effective,

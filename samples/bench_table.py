@@ -10,7 +10,7 @@ weights, one sampler step, no VAE; ~2.4 GB of FP32 ONNX, needs ~6 GB of memory a
 Methods (every bundle from the same FP graph, `effgen-export`):
   fp32                  the FP export
   w8a8                  samples/plans/w8a8.json lowered for ort-cpu (2 timestep groups)
-  w4a8-mp               samples/plans/mp_w4a8.json for ort-cpu (W4 block-32 FFN/out-proj as
+  w4a8-mp               samples/plans/mp_w4a8_rules.json for ort-cpu (W4 block-32 FFN/out-proj as
                         DQ(int4)->MatMulNBits, q/k/v W8A8)
   ort-dynamic-int8      onnxruntime.quantization.quantize_dynamic on the FP graph (S8 weights,
                         per tensor, MatMul/Gemm with constant weights: MatMulConstBOnly)
@@ -44,7 +44,7 @@ REF_MODELS = ("pixart-ref", "dit-ref")
 REAL_ARCH = "pixart-alpha-512"
 METHODS = ("fp32", "w8a8", "w4a8-mp", "ort-dynamic-int8", "ort-matmulnbits-4bit",
            "w8a8-variants-1", "w8a8-variants-4")
-PLAN_OF = {"w8a8": ("w8a8.json", None), "w4a8-mp": ("mp_w4a8.json", None),
+PLAN_OF = {"w8a8": ("w8a8.json", None), "w4a8-mp": ("mp_w4a8_rules.json", None),
            "w8a8-variants-1": ("w8a8.json", 1), "w8a8-variants-4": ("w8a8.json", 4)}
 
 

@@ -355,7 +355,7 @@ def _expected(plan, target, graph_kinds):
     return out
 
 
-@pytest.mark.parametrize("plan_file", ["w8a8.json", "mp_w4a8.json"])
+@pytest.mark.parametrize("plan_file", ["w8a8.json", "mp_w4a8_rules.json"])
 @pytest.mark.parametrize("target", ["trt", "ort-cpu"])
 def test_exactly_the_planned_layers_are_quantized(tiny, plan_file, target):
     d, model, plan, scales = _calibrated(tiny, "pixart-tiny", plan_file, target)
@@ -373,7 +373,7 @@ def test_exactly_the_planned_layers_are_quantized(tiny, plan_file, target):
 
 
 def test_ort_cpu_lowering_runs_on_integer_kernels(tiny, tmp_path):
-    d, model, plan, scales = _calibrated(tiny, "pixart-tiny", "mp_w4a8.json", "ort-cpu")
+    d, model, plan, scales = _calibrated(tiny, "pixart-tiny", "mp_w4a8_rules.json", "ort-cpu")
     lowered, report = qdq.lower(model, plan, scales, "ort-cpu")
     path = tmp_path / "m.onnx"
     onnx.save(lowered, path)
