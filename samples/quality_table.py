@@ -3,9 +3,10 @@
     .venv/bin/python samples/quality_table.py --json out/quality.json [--n-images 64]
 
 For pixart-ref and dit-ref and each method (fp, naive-w8a8, vidit-w8a8, naive-w4a8,
-vidit-w4a8, modelopt-int8), the PyTorch sampler generates the evaluation set of `effgen eval`
-(refdata.eval_prompts(N): captions for pixart, class ids for dit; image i from noise seed
-SEED+i as the runtime seeds it, the same noise for every method) with the model quantized by
+vidit-w4a8, modelopt-int8 and the mixed-precision plans below), the PyTorch sampler
+generates the evaluation set of `effgen eval` (refdata.eval_prompts(N): captions for
+pixart, class ids for dit; image i from noise seed SEED+i as the runtime seeds it, the same
+noise for every method) with the model quantized by
 `effgen.calib` for the target's effective numerics (default trt: W4 Linear layers run
 weight-only), and scores it with effgen.metrics.evaluate: PSNR and SSIM against the FP
 images, Fréchet distance against real pictures, attribute/class accuracy. weight_bytes:
@@ -22,6 +23,16 @@ Methods:
            timesteps) on the same Linear layers (same FP layers; LayerNorm inputs not
            quantized), calibrated on the same prompts and trajectories; skipped, with the
            reason, where nvidia-modelopt does not import or run.
+  mp-w4.5a8, mp-w4.0a8, mp-w4.5a8-nobos, greedy-w4.5a8: plans made here by `effgen plan`'s
+           API (calib.allocate.plan_model): per-layer sensitivity (SSIM for cross-attention
+           and FFN, SQNR for the rest), then W4A8/W8A8 per layer within an average of 4.5
+           (4.0) weight bits by the integer program (greedy: most sensitive layers to 8 bits
+           first); vidit-w4a8's techniques plus BOS-aware text embedding (-nobos: without).
+           At 4.0 bits every layer is W4 (no candidate has fewer bits): the row differs
+           from vidit-w4a8 by BOS-aware only, which changes nothing on trt, where W4 layers
+           run weight-only.
+           Sensitivities are cached under $EFFGEN_CACHE, so rows sharing techniques measure once.
+weight_ratio: weight bytes / FP's on the target; weight_ratio_w8a8: / uniform W8A8's.
 All methods are calibrated on refdata.eval_prompts(n_calib, seed=999) (statistics cached).
 This is the PyTorch simulation of the target's numerics; the exported QDQ bundles are
 measured with `effgen eval` once the exporter lowers plans.
@@ -45,8 +56,17 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 PLANS = ROOT / "samples" / "plans"
 MODELS = ("pixart-ref", "dit-ref")
-METHODS = ("fp", "naive-w8a8", "vidit-w8a8", "naive-w4a8", "vidit-w4a8", "modelopt-int8")
-EXTRA_METHODS = ("vidit-mp-w4a8",)  # samples/plans/mp_w4a8.json, on request
+# Mixed precision planned in-process by effgen.calib.allocate.plan_model (`effgen plan`):
+# method -> (average weight bits, allocator, BOS-aware); activation budget 8 bits.
+MP_METHODS = {
+    "mp-w4.5a8": (4.5, "ilp", True),
+    "mp-w4.0a8": (4.0, "ilp", True),
+    "mp-w4.5a8-nobos": (4.5, "ilp", False),
+    "greedy-w4.5a8": (4.5, "greedy", True),
+}
+METHODS = ("fp", "naive-w8a8", "vidit-w8a8", "naive-w4a8", "vidit-w4a8", "modelopt-int8",
+           *MP_METHODS)
+EXTRA_METHODS = ("vidit-mp-w4a8",)  # samples/plans/mp_w4a8_rules.json, on request
 
 
 def plan_for(method: str) -> dict | None:
@@ -55,10 +75,27 @@ def plan_for(method: str) -> dict | None:
         return {**fmt, "default": {"w_bits": 8, "a_bits": 8}}
     if method == "naive-w4a8":
         return {**fmt, "default": {"w_bits": 4, "a_bits": 8, "w_granularity": "per_channel"}}
-    files = {"vidit-w8a8": "w8a8.json", "vidit-w4a8": "w4a8.json", "vidit-mp-w4a8": "mp_w4a8.json"}
+    files = {"vidit-w8a8": "w8a8.json", "vidit-w4a8": "w4a8.json", "vidit-mp-w4a8": "mp_w4a8_rules.json"}
     if method in files:
         return json.loads((PLANS / files[method]).read_text())
     return None
+
+
+def mixed_precision_plan(fp, method: str, stats, args, log) -> dict:
+    """The plan of an MP_METHODS row from effgen's planner (sensitivities cached on disk, so
+    rows sharing the techniques measure once)."""
+    from effgen.calib.allocate import DEFAULT_TECHNIQUES, plan_model
+
+    weight_bits, allocator, bos = MP_METHODS[method]
+    techniques = {**DEFAULT_TECHNIQUES, "bos_aware": bos}
+    plan, _, result = plan_model(fp, weight_bits=weight_bits, act_bits=8, allocator=allocator,
+                                 techniques=techniques, target=args.target, stats=stats,
+                                 n_calib=args.n_calib, n_prompts=args.sensitivity_prompts,
+                                 steps=args.sensitivity_steps, log=log,
+                                 command=f"samples/quality_table.py --methods {method}")
+    got = plan["provenance"]["achieved"]
+    log(f"  {method}: {allocator} {result.status}, {got['weight_bits']:.3f} weight bits")
+    return plan
 
 
 def modelopt_int8(fp, items, n_calib_steps, guidance, log):
@@ -138,6 +175,10 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=None, help="sampler steps (default: the model's)")
     p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--sensitivity-prompts", type=int, default=4,
+                   help="prompts of the mp-* rows' sensitivity runs (effgen plan --n-prompts)")
+    p.add_argument("--sensitivity-steps", type=int, default=8,
+                   help="sampler steps of the mp-* rows' sensitivity runs (effgen plan --steps)")
     args = p.parse_args(argv)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
@@ -162,7 +203,7 @@ def main(argv=None) -> int:
         metrics.write_json(args.json, {"config": config, "rows": rows})
         shown = " ".join(f"{k}={row[k]:.4g}" if isinstance(row.get(k), float) else f"{k}={row.get(k)}"
                          for k in ("psnr", "ssim", "fd", "attr_acc", "class_acc", "weight_bytes"))
-        log(f"{row['model']:>10} {row['method']:>14}: " + (f"skipped ({row['skipped']})"
+        log(f"{row['model']:>10} {row['method']:>15}: " + (f"skipped ({row['skipped']})"
                                                           if row.get("skipped") else shown))
 
     args.json.parent.mkdir(parents=True, exist_ok=True)
@@ -188,6 +229,10 @@ def main(argv=None) -> int:
         fp_images = generate_images(fp, items, seed=args.seed, steps=steps, desc=f"{model} fp")
         fp_seconds = time.perf_counter() - t0
         fp_bytes = weight_bytes(fp, None, args.target)
+        # Uniform W8A8 (no smoothing vectors): the denominator of weight_ratio_w8a8.
+        w8a8_bytes = weight_bytes(fp, resolve_for_model(fp, {"format": "effgen.plan/1",
+                                                             "default": {"w_bits": 8, "a_bits": 8}},
+                                                        args.target))
         stats = None
 
         def score(images, method, wbytes, seconds, **extra):
@@ -197,6 +242,7 @@ def main(argv=None) -> int:
             emit({**base, "method": method, **{k: result[k] for k in
                                                 ("psnr", "ssim", "fd", "attr_acc", "class_acc")},
                   "weight_bytes": wbytes, "weight_ratio": round(wbytes / fp_bytes, 4),
+                  "weight_ratio_w8a8": round(wbytes / w8a8_bytes, 4),
                   "seconds": round(seconds, 1), "skipped": None, **extra})
 
         for method in args.methods:
@@ -220,7 +266,9 @@ def main(argv=None) -> int:
                     continue
                 if stats is None:
                     stats = collect_statistics(fp, items=calib_items, steps=steps, log=log)
-                plan, scales = calibrate(fp, plan_for(method), args.target, stats=stats)
+                raw = (mixed_precision_plan(fp, method, stats, args, log)
+                       if method in MP_METHODS else plan_for(method))
+                plan, scales = calibrate(fp, raw, args.target, stats=stats)
                 q = copy.deepcopy(fp)
                 quantize_(q, plan, scales)
                 images = generate_images(q, items, seed=args.seed, steps=steps, desc=f"{model} {method}")
@@ -228,24 +276,29 @@ def main(argv=None) -> int:
                 for e in plan.provenance["effective"].values():
                     k = f"W{e['w_bits']}A{e['a_bits']}"
                     counts[k] = counts.get(k, 0) + 1
+                extra = {}
+                if method in MP_METHODS:
+                    extra["planned"] = raw["provenance"]["achieved"]
                 score(images, method, weight_bytes(fp, plan), time.perf_counter() - t0,
-                      effective=counts, timestep_groups=[list(g) for g in plan.timestep_groups])
+                      effective=counts, timestep_groups=[list(g) for g in plan.timestep_groups],
+                      **extra)
             except Exception as e:  # a method that cannot run is a row that says why
                 log(traceback.format_exc())
                 emit({**base, "method": method, "skipped": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"})
 
     log("")
-    log(f"{'model':>10} {'method':>14} {'psnr':>7} {'ssim':>6} {'fd':>8} {'attr':>5} {'class':>5} {'MB':>6} {'x FP':>5}")
+    log(f"{'model':>10} {'method':>15} {'psnr':>7} {'ssim':>6} {'fd':>8} {'attr':>5} {'class':>5} "
+        f"{'MB':>6} {'x FP':>5} {'x W8':>5}")
     for r in rows:
         if r.get("skipped"):
-            log(f"{r['model']:>10} {r['method']:>14}  skipped: {r['skipped']}")
+            log(f"{r['model']:>10} {r['method']:>15}  skipped: {r['skipped']}")
             continue
 
         def f(v, fmt):
             return "-" if v is None else format(v, fmt)
-        log(f"{r['model']:>10} {r['method']:>14} {f(r['psnr'], '7.2f')} {f(r['ssim'], '6.3f')} "
+        log(f"{r['model']:>10} {r['method']:>15} {f(r['psnr'], '7.2f')} {f(r['ssim'], '6.3f')} "
             f"{f(r['fd'], '8.2f')} {f(r['attr_acc'], '5.2f')} {f(r['class_acc'], '5.2f')} "
-            f"{r['weight_bytes'] / 1e6:6.2f} {r['weight_ratio']:5.2f}")
+            f"{r['weight_bytes'] / 1e6:6.2f} {r['weight_ratio']:5.2f} {r['weight_ratio_w8a8']:5.2f}")
     print(f"wrote {args.json}")
     return 0
 
