@@ -385,22 +385,27 @@ def _add_plan_parser(sub) -> None:
                     help="average planned activation bits, weighted by each layer's input size "
                     "(default 8: no A16 layers; 16: no activation budget)")
     pl.add_argument("--out", type=Path, required=True, help="plan JSON to write")
-    pl.add_argument("--allocator", choices=["ilp", "greedy"], default="ilp")
-    pl.add_argument("--content-weight", type=float, default=0.5,
+    pl.add_argument("--allocator", choices=["ilp", "greedy"], default="ilp",
+                    help="ilp: exact integer program (default); greedy: most sensitive layers "
+                    "to 8 bits first, for comparison")
+    pl.add_argument("--content-weight", type=float, default=0.5, metavar="W",
                     help="weight of the content layers' normalised loss (quality layers: 1 - W)")
     pl.add_argument("--per-timestep", action="store_true",
                     help="measure per timestep group and allocate for the worst group")
     pl.add_argument("--content-rule", action="append", default=None, metavar="REGEX",
                     help="layers judged by final-image SSIM (repeat; default: \\.attn2\\. and \\.ff\\.)")
-    pl.add_argument("--target", choices=["ort-cpu", "trt", "trt-orin"], default="trt")
-    pl.add_argument("--techniques-from", type=Path, default=None,
+    pl.add_argument("--target", choices=["ort-cpu", "trt", "trt-orin"], default="trt",
+                    help="target whose effective precision is measured and planned (default trt)")
+    pl.add_argument("--techniques-from", type=Path, default=None, metavar="PLAN",
                     help="take the techniques (smoothing, act_scale, timestep_grouping, ...) from this "
                     "plan (default: those of samples/plans/w4a8.json with bos_aware)")
     bos = pl.add_mutually_exclusive_group()
     bos.add_argument("--bos-aware", dest="bos_aware", action="store_true", default=None,
-                     help="MixDQ BOS-aware text embedding on (the default)")
-    bos.add_argument("--no-bos-aware", dest="bos_aware", action="store_false")
-    pl.add_argument("--report", type=Path, default=None,
+                     help="MixDQ BOS-aware text embedding on (default: on, or as the "
+                     "--techniques-from plan says)")
+    bos.add_argument("--no-bos-aware", dest="bos_aware", action="store_false",
+                     help="quantize the first text token's cross-attention rows like the others")
+    pl.add_argument("--report", type=Path, default=None, metavar="DIR",
                     help="directory for an HTML report with plots")
     pl.add_argument("--n-prompts", type=int, default=4, help="prompts of the sensitivity runs")
     pl.add_argument("--steps", type=int, default=8, help="sampler steps of the sensitivity runs")
@@ -460,7 +465,8 @@ def _add_check_parser(sub) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="effgen", description="Generate images from effgen bundles and check them. "
+        prog="effgen", description="Generate images from effgen bundles and check them; "
+        "plan mixed precision (`effgen plan`) and calibrate (`effgen calib`) before export. "
         "Bundles are made by `effgen-export MODEL --out DIR`.")
     sub = p.add_subparsers(dest="command", required=True)
 
