@@ -14,6 +14,8 @@ Plan `techniques` read here (besides plan.py's smoothing/rotation layer regexes)
              target quantizes the activation: not on weight-only W4A16 layers)
   rotation: {layers: [regex, ...]}
   act_scale: {method: "minmax" | "percentile" | "mse", percentile: 99.99}
+  weight_scale: {method: "minmax" | "mse"} (mse: per row/block, the clipping of the absmax
+             that minimises the weight error weighted by the input channel's squared absmax)
   timestep_grouping: {k: K} (equal contiguous groups) | {tolerance: 0.1} (ranges agree)
   bos_aware: true | false (default false): MixDQ's BOS-aware text embedding (calib/bos.py):
              in the layers that read the text-token sequence (PixArt's caption_projection
@@ -35,7 +37,7 @@ import torch
 from .balance import hadamard, rotated_layers, smooth_weight, smoothing_alphas, smoothing_vector
 from .bos import first_token_layers
 from .plan import Plan, PlanError, resolve_plan
-from .quantizers import ACT_METHODS, search_amax, weight_scale
+from .quantizers import ACT_METHODS, WEIGHT_METHODS, search_amax, weight_scale
 from .scales import key
 from .stats import (Statistics, collect_statistics, encode_conditions, in_features, module_kind,
                     quantizable_modules)
@@ -73,6 +75,16 @@ def _act_scale_config(techniques: dict[str, Any]) -> tuple[str, float]:
     return method, float(pct)
 
 
+def _weight_scale_config(techniques: dict[str, Any]) -> str:
+    cfg = techniques.get("weight_scale") or {}
+    if not isinstance(cfg, dict) or set(cfg) - {"method"}:
+        raise PlanError("techniques.weight_scale: expected an object {method}")
+    method = cfg.get("method", "minmax")
+    if method not in WEIGHT_METHODS:
+        raise PlanError(f"techniques.weight_scale.method: {method!r} is not one of {', '.join(WEIGHT_METHODS)}")
+    return method
+
+
 def _grouping_config(techniques: dict[str, Any]) -> dict[str, Any]:
     cfg = techniques.get("timestep_grouping") or {}
     if not isinstance(cfg, dict) or len(set(cfg) & {"k", "tolerance"}) > 1 or set(cfg) - {"k", "tolerance"}:
@@ -100,6 +112,7 @@ def resolve_for_model(denoiser, raw: dict[str, Any], target: str | None = None) 
     if source_model and source_model != plan.model:
         plan.provenance = {**plan.provenance, "plan_written_for": source_model}
     _act_scale_config(plan.techniques)
+    _weight_scale_config(plan.techniques)
     _grouping_config(plan.techniques)
     quantized = plan.quantized()
     smoothing_alphas(plan.techniques, quantized)
@@ -188,6 +201,7 @@ def calibrate(denoiser, plan_raw: dict[str, Any], target: str | None = None, *,
     plan.timestep_groups = choose_timestep_groups(plan, stats, act_layers or list(stats.absmax),
                                                   explicit_groups, n_train)
     method, pct = _act_scale_config(plan.techniques)
+    w_method = _weight_scale_config(plan.techniques)
     # Smoothing moves activation outliers into the weights: it pays only where the target
     # quantizes the activation. On a weight-only layer (W4A16 on TensorRT) it would only make
     # the weight harder to quantize (and cost a Mul), so it is not applied there.
@@ -211,7 +225,14 @@ def calibrate(denoiser, plan_raw: dict[str, Any], target: str | None = None, *,
         if rot is not None:
             w = w @ rot
         if eff.w_bits < 16:
-            scales[key(name, "w_scale")] = weight_scale(w, eff.w_bits, eff.w_granularity)
+            # The MSE search weighs each input channel's weight error by what the layer sees
+            # there: the squared absmax of its (smoothed) input; a rotation spreads the
+            # channels evenly, so a rotated layer weighs them alike.
+            importance = None
+            if w_method == "mse" and rot is None:
+                importance = (absmax.amax(dim=0) / (s if s is not None else 1.0)) ** 2
+            scales[key(name, "w_scale")] = weight_scale(w, eff.w_bits, eff.w_granularity,
+                                                        w_method, importance)
         if eff.a_bits < 16:
             scales[key(name, "a_amax")] = activation_amax(stats, name, plan.timestep_groups,
                                                           eff.a_bits, method, pct, s, rot,
@@ -227,6 +248,7 @@ def calibrate(denoiser, plan_raw: dict[str, Any], target: str | None = None, *,
                         "steps": stats.meta.get("steps"), "guidance": stats.meta.get("guidance"),
                         "scheduler": stats.meta.get("scheduler"), "noise_seed": stats.meta.get("noise_seed"),
                         "sampler_timesteps": list(stats.timesteps), "act_scale": method,
+                        "weight_scale": w_method,
                         **({"percentile": pct} if method == "percentile" else {})},
     }
     return plan, scales

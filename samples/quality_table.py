@@ -17,7 +17,8 @@ Methods:
            no smoothing (the plan {"default": {w_bits, a_bits}} and nothing else)
   vidit-*: samples/plans/w8a8.json / w4a8.json: smoothing (alpha 0.8) on the transformer
            blocks' Linear layers whose activations the target quantizes, MSE-searched
-           activation scales, 2 timestep groups (w4a8: int4 blockwise, block 32)
+           activation scales, weight scales clipped per row/block by an activation-weighted
+           MSE search, 2 timestep groups (w4a8: int4 blockwise, block 32)
   modelopt-int8: NVIDIA ModelOpt's INT8 SmoothQuant (mtq.INT8_SMOOTHQUANT_CFG, alpha 0.8,
            per-channel weights, per-tensor max-calibrated activations, one scale for all
            timesteps) on the same Linear layers (same FP layers; LayerNorm inputs not

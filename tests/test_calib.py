@@ -59,6 +59,31 @@ def test_int4_blockwise_uses_each_blocks_absmax_over_7(block):
         Q.weight_scale(torch.randn(4, 48), 4, "block32")
 
 
+@pytest.mark.parametrize("granularity", ["per_channel", "block32"])
+def test_mse_weight_scales_clip_outliers_to_lower_the_activation_weighted_error(granularity):
+    g = torch.Generator().manual_seed(2)
+    w = torch.randn(32, 128, generator=g)
+    w[torch.arange(32), torch.randint(0, 128, (32,), generator=g)] *= 6  # one outlier per row
+    importance = torch.rand(128, generator=g) ** 4 * 10  # a few channels meet large inputs
+
+    def weighted_error(scale):
+        return (((Q.quantize_weight(w, 4, granularity, scale) - w) ** 2) * importance).sum()
+
+    minmax = Q.weight_scale(w, 4, granularity)
+    mse = Q.weight_scale(w, 4, granularity, "mse", importance)
+    assert mse.shape == minmax.shape and (mse <= minmax + 1e-7).all()
+    assert (mse >= minmax * Q.CLIP_RATIOS.min() - 1e-7).all()
+    assert weighted_error(mse) < 0.8 * weighted_error(minmax)
+    # every row/block is at least as good as its min-max scale
+    rows_mse = Q.quantize_weight(w, 4, granularity, mse)
+    rows_minmax = Q.quantize_weight(w, 4, granularity, minmax)
+    block = 128 if granularity == "per_channel" else 32
+    err = lambda wq: (((wq - w) ** 2) * importance).reshape(32, -1, block).sum(2)  # noqa: E731
+    assert (err(rows_mse) <= err(rows_minmax) + 1e-6).all()
+    with pytest.raises(PlanError, match="weight_scale.method"):
+        Q.weight_scale(w, 4, granularity, "gptq")
+
+
 def test_per_token_dynamic_beats_per_tensor_on_tokens_of_different_scale():
     g = torch.Generator().manual_seed(2)
     x = torch.randn(2, 64, 32, generator=g) * torch.logspace(-2, 1, 64).reshape(1, 64, 1)
@@ -356,12 +381,12 @@ def test_scales_file_refuses_another_plans_hash(dit_tiny, stats, tmp_path):
     assert "belongs to another plan" in msg and plan_hash(plan)[:12] in msg and "\n" not in msg
 
 
-def test_cli_calib_writes_plan_and_scales_and_bad_plans_exit_2(tmp_path, cache_dir, monkeypatch, capsys):
+def test_cli_calib_writes_plan_and_scales_and_bad_plans_exit_2(tmp_path, stats, cache_dir, monkeypatch, capsys):
     from effgen.calib.calibrate import resolve_for_model
     from effgen.cli import main
     from effgen.models.denoiser import load_denoiser
 
-    monkeypatch.setenv("EFFGEN_CACHE", str(cache_dir))  # the statistics of the fixture
+    monkeypatch.setenv("EFFGEN_CACHE", str(cache_dir))  # the statistics of the `stats` fixture
     out = tmp_path / "calib"
     rc = main(["calib", "dit-tiny", "--plan", str(PLANS / "w8a8.json"), "--out", str(out),
                "--n-calib", "4", "--target", "ort-cpu"])
@@ -380,6 +405,10 @@ def test_cli_calib_writes_plan_and_scales_and_bad_plans_exit_2(tmp_path, cache_d
     assert err.count("\n") == 1 and "layers: 'transformer.transformer_blocks.0.attn1.to_qq'" in err
     assert "closest: transformer.transformer_blocks.0.attn1.to_q" in err
     assert not (tmp_path / "x").exists()
+    bad.write_text(json.dumps(_plan(techniques={"weight_scale": {"method": "gptq"}})))
+    assert main(["calib", "dit-tiny", "--plan", str(bad), "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "techniques.weight_scale.method: 'gptq' is not one of minmax, mse" in err
 
 
 def test_simulated_sampling_follows_the_timestep_groups_and_the_runtime_seeding():
