@@ -43,7 +43,7 @@ import torch
 
 from .plan import FORMAT, FP, LayerPrecision, Plan
 from .stats import (CALIB_SEED, cache_dir, calibration_items, collect_statistics, encode_conditions,
-                    in_features, module_kind, quantizable_modules, weights_hash)
+                    in_features, module_kind, quantizable_modules, read_cache, weights_hash)
 
 SENSITIVITY_FORMAT = "effgen.sensitivity/1"
 # (w_bits, a_bits) a layer may be planned at.
@@ -324,15 +324,10 @@ def measure_sensitivity(denoiser, techniques: dict[str, Any] | None = None, targ
            "stats": None if stats is None else stats.meta.get("key")}
     key = sensitivity_key(doc)
     path = Path(cache or cache_dir()) / "sensitivity" / f"{spec.name}-{key[:24]}.json"
-    if use_cache and path.is_file():
-        try:
-            result = Sensitivity.from_json(json.loads(path.read_text()))
-            if log:
-                log(f"sensitivity from cache {path}")
-            return result
-        except Exception as e:  # a damaged cache entry is recomputed, not fatal
-            if log:
-                log(f"ignoring unreadable sensitivity cache {path}: {e}")
+    cached = read_cache(path, lambda f: Sensitivity.from_json(json.loads(f.read_text())),
+                        "sensitivity", use_cache, log)
+    if cached is not None:
+        return cached
 
     if stats is None:
         stats = collect_statistics(denoiser, n_calib=n_calib, use_cache=use_cache, cache=cache,

@@ -26,7 +26,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -303,6 +303,23 @@ def stats_key(denoiser: Denoiser, items: Sequence, scheduler: dict, steps: int,
     return hashlib.sha256(canonical.encode()).hexdigest(), doc
 
 
+def read_cache(path: Path, load: Callable[[Path], Any], what: str, use_cache: bool,
+               log: Callable[[str], None] | None) -> Any | None:
+    """`load(path)` of a cache entry, or None when caching is off, the entry is missing, or
+    it cannot be read (a damaged entry is recomputed, not fatal)."""
+    if not (use_cache and path.is_file()):
+        return None
+    try:
+        value = load(path)
+    except Exception as e:
+        if log:
+            log(f"ignoring unreadable {what} cache {path}: {e}")
+        return None
+    if log:
+        log(f"{what} from cache {path}")
+    return value
+
+
 def collect_statistics(denoiser: Denoiser, items: Sequence | None = None, n_calib: int = 32,
                        steps: int | None = None, guidance: float | None = None,
                        scheduler: dict | None = None, seed: int = CALIB_SEED,
@@ -323,15 +340,9 @@ def collect_statistics(denoiser: Denoiser, items: Sequence | None = None, n_cali
     scheduler = dict(scheduler or spec.scheduler)
     key, doc = stats_key(denoiser, items, scheduler, steps, guidance, seed, budget)
     path = Path(cache or cache_dir()) / "stats" / f"{spec.name}-{key[:24]}.safetensors"
-    if use_cache and path.is_file():
-        try:
-            stats = Statistics.load(path)
-            if log:
-                log(f"statistics from cache {path}")
-            return stats
-        except Exception as e:  # a damaged cache entry is recomputed, not fatal
-            if log:
-                log(f"ignoring unreadable statistics cache {path}: {e}")
+    cached = read_cache(path, Statistics.load, "statistics", use_cache, log)
+    if cached is not None:
+        return cached
 
     modules = quantizable_modules(denoiser)
     n = len(items)
