@@ -326,7 +326,7 @@ def _label(p: LayerPrecision) -> str:
 DEFAULT_TECHNIQUES: dict[str, Any] = {
     "smoothing": {"alpha": 0.8,
                   "layers": [r"\.attn\d\.to_[qkv]$", r"\.attn\d\.to_out\.0$", r"\.ff\.net\.(0\.proj|2)$"]},
-    "act_scale": {"method": "mse"},
+    "act_scale": {"method": "minmax"},
     "weight_scale": {"method": "mse"},
     "timestep_grouping": {"k": 2},
     "bos_aware": True,

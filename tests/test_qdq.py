@@ -316,19 +316,20 @@ def test_trt_rule_checker_names_each_violating_node():
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    """dit-tiny and pixart-tiny: the model, its FP graph, calibration statistics."""
+    """dit-tiny, pixart-tiny and the shipped pixart-ref (the model of the per-layer sample
+    plan): the model, its FP graph, calibration statistics."""
     import torch
 
     from effgen.calib.stats import collect_statistics
     from effgen.exporter.onnx_export import export_module
     from effgen.models.configs import get_spec
-    from effgen.models.denoiser import build_denoiser
+    from effgen.models.denoiser import build_denoiser, load_denoiser
 
     torch.set_num_threads(1)
     base = tmp_path_factory.mktemp("qdq-models")
     out = {}
-    for name in ("dit-tiny", "pixart-tiny"):
-        d = build_denoiser(get_spec(name))
+    for name in ("dit-tiny", "pixart-tiny", "pixart-ref"):
+        d = load_denoiser(name) if name == "pixart-ref" else build_denoiser(get_spec(name))
         g = export_module(d, d.example_inputs(2), d.input_names, ["model_output"], base, name)
         stats = collect_statistics(d, n_calib=4, cache=base / "cache", progress=False)
         out[name] = (d, onnx.load(str(base / g.onnx)), stats)
@@ -419,15 +420,18 @@ def test_variants_share_one_weight_file(tiny, tmp_path):
 
 
 def test_ort_matches_the_simulation_for_every_sample_plan(tiny, tmp_path):
-    """SQNR >= 35 dB per denoiser call, every variant (timestep group), both tiny models,
-    every sample plan, on ort-cpu (integer kernels) and trt (Q/DQ reference semantics)."""
+    """SQNR >= 35 dB per denoiser call, every variant (timestep group), every sample plan
+    on ort-cpu (integer kernels) and trt (Q/DQ reference semantics): plans by rules on both
+    tiny models, a per-layer plan (`effgen plan` output) on the model it was made for."""
     from effgen.exporter.quantized import Quantization, simulation_sqnr
 
     plans = sorted(p.name for p in PLANS.glob("*.json"))
-    assert len(plans) >= 3
+    assert len(plans) >= 4
     results = {}
-    for name in ("dit-tiny", "pixart-tiny"):
-        for plan_file in plans:
+    for plan_file in plans:
+        raw = json.loads((PLANS / plan_file).read_text())
+        models = [raw["model"]] if raw.get("layers") else ["dit-tiny", "pixart-tiny"]
+        for name in models:
             for target in ("ort-cpu", "trt"):
                 d, model, plan, scales = _calibrated(tiny, name, plan_file, target)
                 out = tmp_path / f"{name}-{plan_file}-{target}"

@@ -125,7 +125,7 @@ def test_effgen_plan_writes_a_plan_that_loads_and_meets_the_budget_and_a_report(
     assert "wrote" in printed and "weight bits" in printed
     raw = read_plan_file(out)
     assert raw["format"] == FORMAT and raw["target"] == "trt"
-    assert raw["techniques"]["bos_aware"] is True and raw["techniques"]["act_scale"] == {"method": "mse"}
+    assert raw["techniques"]["bos_aware"] is True and raw["techniques"]["act_scale"] == {"method": "minmax"}
     prov = raw["provenance"]
     assert prov["command"] == "effgen " + " ".join(argv)
     assert prov["allocator"] == "ilp" and prov["solver_status"] == "optimal"
