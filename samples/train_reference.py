@@ -6,9 +6,10 @@ captioned data set of models/refdata.py.
 
 Seeded and reproducible for a given --steps (a --minutes budget stops at a step count that
 depends on the machine; the step count reached is stored in the checkpoint's metadata).
-Time on the 2-core development machine, both cores: pixart-ref ~0.45 s/step, dit-ref
-~0.4 s/step at batch 64; the shipped checkpoints were trained for the step counts in their
-metadata (`python -c "from safetensors import safe_open; ..."` or `effgen info`).
+Time on the 2-core development machine, both models training side by side with
+--threads 1 at batch 48: pixart-ref ~0.8 s/step, dit-ref ~0.65 s/step (1.0-1.4 s/step while
+other work shares the cores), i.e. ~4,500 steps an hour. The shipped checkpoints were
+trained for the step counts in their metadata (`safe_open(path, "pt").metadata()`).
 
 DDPM on the linear beta schedule of PixArt-alpha and DiT with v-prediction (the spec's
 scheduler says which), pixels in [-1, 1], 10% condition dropout for classifier-free guidance,
