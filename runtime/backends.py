@@ -165,9 +165,13 @@ def load_component(bundle: Bundle, name: str, backend: str = "ort", threads: int
     if backend == "trt":
         try:
             import tensorrt  # noqa: F401
-        except ImportError:
-            raise BundleError("the trt backend needs TensorRT and an NVIDIA GPU (pip install "
-                              "'effgen[trt]', or JetPack's python3-libnvinfer on Jetson)") from None
+
+            from .cuda import cudart
+            cudart()
+        except ImportError as e:
+            raise BundleError(f"the trt backend needs TensorRT, cuda-python and an NVIDIA GPU "
+                              f"(pip install 'effgen[trt]', or JetPack's python3-libnvinfer on "
+                              f"Jetson): {e}") from None
         from .trt_backend import TrtComponent, engine_target
 
         return TrtComponent(bundle, name, engine_target(bundle))

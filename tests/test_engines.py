@@ -5,7 +5,10 @@ TensorRT and a GPU; those tests skip with the reason elsewhere."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
+import sys
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -169,3 +172,26 @@ def test_engine_build_and_trt_backend_match_onnx_runtime(tiny_bundles, tmp_path)
     rows = compare_backends(bundle, reference="ort-reference", candidate="trt", steps=4, class_label=[3])
     assert {r.component for r in rows} == {"denoiser", "vae_decoder"}
     assert all(r.sqnr_db >= 30 for r in rows), [(r.component, r.sqnr_db) for r in rows]
+
+
+def test_trt_extra_installs_what_the_tensorrt_path_imports_and_nothing_else():
+    """pyproject's [trt] extra = the third-party modules the TensorRT path imports that the
+    base install does not already bring."""
+    import ast
+    import tomllib
+
+    root = Path(__file__).resolve().parents[1]
+    project = tomllib.loads((root / "pyproject.toml").read_text())["project"]
+    name = lambda req: re.split(r"[<>=!~\[; ]", req, maxsplit=1)[0].lower()  # noqa: E731
+    extra = {name(r) for r in project["optional-dependencies"]["trt"]}
+    base = {name(r) for r in project["dependencies"]}
+    imported = set()
+    for rel in ("engines/build.py", "runtime/trt_backend.py", "runtime/cuda.py"):
+        for node in ast.walk(ast.parse((root / rel).read_text())):
+            if isinstance(node, ast.Import):
+                imported |= {a.name.split(".")[0] for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                imported.add(node.module.split(".")[0])
+    distribution = {"cuda": "cuda-python"}  # import name -> package name where they differ
+    third_party = {distribution.get(m, m) for m in imported} - set(sys.stdlib_module_names) - {"__future__"}
+    assert third_party - base == extra
