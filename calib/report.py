@@ -46,6 +46,12 @@ def _plots(out: Path, sens, plan: dict[str, Any]) -> list[tuple[str, str]]:
     width = max(8.0, 0.22 * len(layers))
     figures = []
 
+    def save(fig, name: str, caption: str) -> None:
+        fig.tight_layout()
+        fig.savefig(out / name, dpi=100)
+        plt.close(fig)
+        figures.append((name, caption))
+
     fig, ax = plt.subplots(figsize=(width, 4.5))
     norm = np.array([[1 - s for s in scores[n]["score"]] for n in layers])
     step = 0.8 / len(labels)
@@ -58,10 +64,7 @@ def _plots(out: Path, sens, plan: dict[str, Any]) -> list[tuple[str, str]]:
     ax.set_ylabel("normalised loss (log)")
     ax.set_title("sensitivity per layer and candidate (labels: orange content / SSIM, green quality / SQNR)")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / "sensitivity.png", dpi=100)
-    plt.close(fig)
-    figures.append(("sensitivity.png", "Normalised loss of each layer quantized alone, per candidate"))
+    save(fig, "sensitivity.png", "Normalised loss of each layer quantized alone, per candidate")
 
     fig, ax = plt.subplots(figsize=(width, 3.5))
     chosen = [plan["layers"][n] for n in layers]
@@ -73,10 +76,7 @@ def _plots(out: Path, sens, plan: dict[str, Any]) -> list[tuple[str, str]]:
     ax.set_yticks([4, 8, 16])
     ax.set_title("chosen precision per layer")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / "bits.png", dpi=100)
-    plt.close(fig)
-    figures.append(("bits.png", "Chosen weight bits (bars, coloured by family) and planned activation bits"))
+    save(fig, "bits.png", "Chosen weight bits (bars, coloured by family) and planned activation bits")
 
     table = _weight_bytes_table(sens)
     choice = [labels.index(scores[n]["chosen"]) for n in layers]
@@ -94,10 +94,7 @@ def _plots(out: Path, sens, plan: dict[str, Any]) -> list[tuple[str, str]]:
     ax.set_ylabel(f"kB of Linear weights on {sens.target}")
     ax.set_title("weight bytes per block")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / "bytes_per_block.png", dpi=100)
-    plt.close(fig)
-    figures.append(("bytes_per_block.png", "Weight bytes of the allocatable layers per transformer block"))
+    save(fig, "bytes_per_block.png", "Weight bytes of the allocatable layers per transformer block")
     return figures
 
 
