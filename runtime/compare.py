@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from .backends import load_component
+from .backends import load_component, variant_index
 from .bundle import Bundle
 
 
@@ -79,8 +79,6 @@ class ComponentError:
 def compare_calls(calls: list[RecordedCall], candidates: dict[str, Any]) -> list[ComponentError]:
     """Re-run each recorded call on the candidate component of the same name and measure the
     error of every output, grouped by (component, variant, output)."""
-    from .backends import variant_index
-
     groups: dict[tuple[str, int, str], list[tuple[np.ndarray, np.ndarray]]] = {}
     for call in calls:
         comp = candidates[call.component]

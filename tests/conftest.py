@@ -3,6 +3,9 @@ diffusers' own save_pretrained) and the bundles exported from them."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -51,3 +54,39 @@ def tiny_bundles(tmp_path_factory, tiny_checkpoints) -> dict[str, Path]:
     base = tmp_path_factory.mktemp("bundles")
     return {name: export_bundle(name, base / name, checkpoint=ckpt, log=lambda _: None)
             for name, ckpt in tiny_checkpoints.items()}
+
+
+@pytest.fixture(scope="session")
+def run_torch_free():
+    """Run a Python snippet in a fresh interpreter where torch, diffusers and transformers
+    cannot be imported (as on a bare device), then check none of them leaked in; the snippet
+    passes by finishing."""
+    blocked = ("torch", "diffusers", "transformers")
+
+    def run(body: str) -> None:
+        code = (f"import sys\nfor name in {blocked!r}:\n    sys.modules[name] = None\n"
+                + textwrap.dedent(body)
+                + f"\nleaked = [m for m in {blocked!r} if sys.modules.get(m)]\n"
+                  "assert not leaked, leaked\nprint('ok')\n")
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout.strip() == "ok"
+
+    return run
+
+
+@pytest.fixture(scope="session")
+def perturbed_ecar():
+    """An ECAR model with every parameter nudged off its initialisation: adaLN-Zero starts
+    as the identity, and a test should exercise every path."""
+    from effgen.models import ecar as E
+
+    def make(cfg, seed: int = 0):
+        torch.manual_seed(seed)
+        model = E.ECAR(cfg).eval()
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p) * 0.05)
+        return model
+
+    return make

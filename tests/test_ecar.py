@@ -137,18 +137,9 @@ def test_patchify_roundtrip_and_numpy_twins():
     np.testing.assert_array_equal(t[0, 1].reshape(4, 4, 3).permute(2, 0, 1).numpy(), x[0, :, :4, 4:8].numpy())
 
 
-def _perturbed(cfg: E.ECARConfig, seed: int = 0) -> E.ECAR:
-    torch.manual_seed(seed)
-    model = E.ECAR(cfg).eval()
-    with torch.no_grad():  # adaLN-Zero starts as identity; make every path matter
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    return model
-
-
-def test_ar_is_block_causal_and_stage_graph_matches_teacher_forcing():
+def test_ar_is_block_causal_and_stage_graph_matches_teacher_forcing(perturbed_ecar):
     cfg = tiny()
-    model = _perturbed(cfg)
+    model = perturbed_ecar(cfg)
     g = torch.Generator().manual_seed(6)
     labels = torch.tensor([0, 5])
     prefix = torch.randn(2, cfg.seq_len - 1, cfg.token_dim, generator=g)
@@ -221,9 +212,9 @@ def test_config_validation_and_spec_baselines():
     assert E.ECARConfig.from_dict(ref.to_dict()) == ref
 
 
-def test_checkpoint_roundtrip_checks_config(tmp_path):
+def test_checkpoint_roundtrip_checks_config(tmp_path, perturbed_ecar):
     cfg = tiny()
-    model = _perturbed(cfg)
+    model = perturbed_ecar(cfg)
     path = tmp_path / "e.safetensors"
     E.save_checkpoint(model, path, {"steps": 3})
     loaded = E.load_checkpoint(path, cfg)

@@ -5,9 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import subprocess
-import sys
-import textwrap
 
 import numpy as np
 import onnx
@@ -38,21 +35,12 @@ CONFIGS = {
 }
 
 
-def perturbed(cfg: E.ECARConfig, seed: int = 0) -> E.ECAR:
-    torch.manual_seed(seed)
-    model = E.ECAR(cfg).eval()
-    with torch.no_grad():  # adaLN-Zero starts as identity; make every path matter
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    return model
-
-
 @pytest.fixture(scope="module")
-def bundles(tmp_path_factory):
+def bundles(tmp_path_factory, perturbed_ecar):
     base = tmp_path_factory.mktemp("ecar")
     out = {}
     for name, cfg in CONFIGS.items():
-        model = perturbed(cfg)
+        model = perturbed_ecar(cfg)
         out[name] = (model, export_ecar_bundle(f"ecar-{name}", base / name, ecar=model,
                                                log=lambda _: None))
     return out
@@ -159,24 +147,15 @@ def test_split_steps():
         split_steps(2, [2, 3, 2])
 
 
-def test_runtime_runs_ecar_with_torch_unimportable(bundles):
-    path = bundles["pyramid"][1]
-    code = textwrap.dedent(f"""
-        import sys
-        for name in ("torch", "diffusers", "transformers"):
-            sys.modules[name] = None
+def test_runtime_runs_ecar_with_torch_unimportable(bundles, run_torch_free):
+    path = str(bundles["pyramid"][1])
+    run_torch_free(f"""
         from effgen import runtime
         from effgen.runtime.stage_pipeline import StagePipeline
-        images = runtime.generate({str(path)!r}, class_label=[1, 2], num_images=2, steps=5)
+        images = runtime.generate({path!r}, class_label=[1, 2], num_images=2, steps=5)
         assert images.shape == (2, 16, 16, 3), images.shape
-        assert isinstance(runtime.load_pipeline({str(path)!r}), StagePipeline)
-        leaked = [m for m in ("torch", "diffusers", "transformers") if sys.modules.get(m)]
-        assert not leaked, leaked
-        print("ok")
+        assert isinstance(runtime.load_pipeline({path!r}), StagePipeline)
     """)
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip() == "ok"
 
 
 def test_cli_export_and_generate(tmp_path, capsys):
