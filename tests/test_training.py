@@ -6,7 +6,11 @@ import math
 
 import torch
 
-from effgen.models.training import TrainConfig, learning_rate, train
+import pytest
+
+from effgen.models.configs import get_spec
+from effgen.models.denoiser import build_denoiser
+from effgen.models.training import TrainConfig, dit_init, learning_rate, train
 
 
 def test_learning_rate_warms_up_then_decays_to_the_floor_over_the_budget():
@@ -37,3 +41,26 @@ def test_train_fits_a_regression_and_keeps_an_ema_and_checkpoints():
     assert step == 400 and mean_loss < first and loss_fn().item() < 1e-3 * first
     assert saved == [200, 400, 400]
     assert torch.allclose(ema.weight, model.weight, atol=0.05)
+
+
+@pytest.mark.parametrize("name", ["dit-tiny", "pixart-tiny"])
+def test_dit_init_zeroes_residual_writes_and_output_but_the_output_layer_still_learns(name):
+    model = build_denoiser(get_spec(name))
+    dit_init(model.transformer)
+    inputs = model.example_inputs(2)
+    blocks = model.transformer.transformer_blocks
+    seen = []
+    hooks = [b.register_forward_hook(lambda m, i, o: seen.append(torch.equal(i[0], o)))
+             for b in blocks]
+    out = model(*inputs)
+    for h in hooks:
+        h.remove()
+    # adaLN gates (DiT) and the cross-attention output (PixArt) start at zero; PixArt's
+    # self-attention and MLP are gated by its learned scale_shift_table, so only DiT blocks
+    # are exactly the identity.
+    if name == "dit-tiny":
+        assert seen == [True] * len(blocks)
+    assert torch.count_nonzero(out) == 0  # the output layer starts at zero
+    out.sum().backward()  # ... but it receives a gradient, so training moves it
+    head = model.transformer.proj_out_2 if name == "dit-tiny" else model.transformer.proj_out
+    assert head.weight.grad.abs().sum() > 0
