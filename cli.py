@@ -381,9 +381,11 @@ def _add_plan_parser(sub) -> None:
                         help="average weight bits of the allocatable layers, weighted by parameters (e.g. 4.5)")
     budget.add_argument("--weight-mb", type=float, default=None,
                         help="weight megabytes (1e6 bytes) of the whole denoiser as shipped on the target")
-    pl.add_argument("--act-bits", type=float, default=8.0,
-                    help="average planned activation bits, weighted by each layer's input size "
-                    "(default 8: no A16 layers; 16: no activation budget)")
+    pl.add_argument("--act-bits", type=float, default=None,
+                    help="average activation bits as the target runs them, weighted by each "
+                    "layer's input size (default: the uniform W4A8 plan's, i.e. 8 where W4A8 "
+                    "runs as such and 16 on TensorRT, where W4 runs weight-only; lower it to "
+                    "trade quality for INT8 GEMMs)")
     pl.add_argument("--out", type=Path, required=True, help="plan JSON to write")
     pl.add_argument("--allocator", choices=["ilp", "greedy"], default="ilp",
                     help="ilp: exact integer program (default); greedy: most sensitive layers "

@@ -96,7 +96,7 @@ def mixed_precision_plan(fp, method: str, stats, args, log) -> dict:
 
     weight_bits, allocator, bos = MP_METHODS[method]
     techniques = {**DEFAULT_TECHNIQUES, "bos_aware": bos}
-    plan, _, result = plan_model(fp, weight_bits=weight_bits, act_bits=8, allocator=allocator,
+    plan, _, result = plan_model(fp, weight_bits=weight_bits, allocator=allocator,
                                  techniques=techniques, target=args.target, stats=stats,
                                  n_calib=args.n_calib, n_prompts=args.sensitivity_prompts,
                                  steps=args.sensitivity_steps, log=log,

@@ -109,7 +109,7 @@ def test_per_timestep_takes_the_worst_group():
 
 def test_plan_meets_the_weight_bit_budget_and_resolves():
     sens = _toy_sensitivity()
-    plan, result = mixed_precision_plan(sens, weight_bits=6.0, act_bits=8)
+    plan, result = mixed_precision_plan(sens, weight_bits=6.0)
     # Half the parameters can be W8: the two most sensitive by normalised loss.
     assert plan["provenance"]["achieved"]["weight_bits"] == pytest.approx(6.0)
     chosen = {n: plan["layers"][n]["w_bits"] for n in sens.layers}
@@ -132,3 +132,25 @@ def test_weight_mb_budget_counts_bytes_like_calib_cost():
     assert sorted(plan["layers"][n]["w_bits"] for n in sens.layers) == [4, 4, 4, 8]
     with pytest.raises(AllocationError, match="exactly one weight budget"):
         budgets_for(sens, weight_bits=4.5, weight_mb=1.0)
+
+
+def test_activation_budget_counts_bits_as_run_and_defaults_to_uniform_w4a8():
+    import dataclasses
+
+    toy = _toy_sensitivity()
+    # On TensorRT W4A8 runs as W4A16, W8A16 as weight-only INT8; W8A16 is the more accurate W8.
+    cands = [candidate_precision(4, 8), candidate_precision(8, 8), candidate_precision(8, 16)]
+    eff = [LayerPrecision(4, 16, "block32"), LayerPrecision(8, 8), LayerPrecision(8, 16)]
+    sens = dataclasses.replace(
+        toy, candidates=cands, effective={n: list(eff) for n in toy.layers},
+        loss={n: [l4, l8, l8 / 2] for n, (l4, l8) in toy.loss.items()},
+        metric={n: [0.0] * 3 for n in toy.layers})
+    plan, _ = mixed_precision_plan(sens, weight_bits=6.0)
+    assert plan["budget"]["act_bits"] == 16.0  # uniform W4A8 as run
+    assert sorted((plan["layers"][n]["w_bits"], plan["layers"][n]["a_bits"]) for n in sens.layers) == [
+        (4, 8), (4, 8), (8, 16), (8, 16)]
+    # 8 bits as run: only W8A8 runs 8-bit activations
+    plan8, _ = mixed_precision_plan(sens, weight_bits=8.0, act_bits=8)
+    assert {(p["w_bits"], p["a_bits"]) for p in plan8["layers"].values()} == {(8, 8)}
+    with pytest.raises(AllocationError, match="activation bits 8"):
+        mixed_precision_plan(sens, weight_bits=4.0, act_bits=8)
