@@ -53,6 +53,15 @@ DEFAULT_FP = {
     "dit": [r"transformer\.pos_embed\..*", r"transformer\.transformer_blocks\.\d+\.norm1\..*",
             r"transformer\.proj_out_1", r"transformer\.proj_out_2"],
 }
+# Of those, what `effgen plan` never allocates: the patch embedding and the output projection,
+# where pixels or latents go in and come out. The embedders and adaLN linears it may quantize
+# when their measured sensitivity allows: they are per-sample vectors, so their activations
+# cost nothing, but their weights are a third (pixart-ref) to a half (dit-ref, one timestep
+# embedder and adaLN per block) of a small model, which a weight budget cannot ignore.
+ALLOCATION_FP = {
+    "pixart": [r"transformer\.pos_embed\..*", r"transformer\.proj_out"],
+    "dit": [r"transformer\.pos_embed\..*", r"transformer\.proj_out_2"],
+}
 
 
 def _num_train_timesteps(denoiser) -> int:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -445,6 +446,37 @@ def test_ort_matches_the_simulation_for_every_sample_plan(tiny, tmp_path):
     low = {k: round(v, 1) for k, v in results.items() if not v >= 35}
     assert not low, low
 
+
+
+@pytest.mark.parametrize("name", ["dit-tiny", "pixart-tiny"])
+def test_ort_matches_the_simulation_with_embedders_and_adaln_quantized(tiny, tmp_path, name):
+    """`effgen plan` may quantize the timestep/caption embedders and adaLN linears (per-sample
+    vectors, unlike the block linears): W4 there, W8A8 in the blocks, on both targets."""
+    from effgen.calib.calibrate import DEFAULT_FP, calibrate
+    from effgen.calib.sensitivity import allocatable_layers
+    from effgen.exporter.quantized import Quantization, simulation_sqnr
+
+    d, model, stats = tiny[name]
+    fp_rules = DEFAULT_FP[d.spec.family]
+    conditioning = [n for n in allocatable_layers(d) if any(re.fullmatch(p, n) for p in fp_rules)]
+    assert conditioning
+    layers = {n: {"w_bits": 4, "a_bits": 8, "w_granularity": "block32"} if n in conditioning
+              else {"w_bits": 8, "a_bits": 8} for n in allocatable_layers(d)}
+    raw = {"format": "effgen.plan/1", "model": name, "layers": layers,
+           "techniques": {"timestep_grouping": {"k": 2}, "act_scale": {"method": "minmax"}}}
+    for target in ("trt", "ort-cpu"):
+        plan, scales = calibrate(d, raw, target, stats=stats)
+        out = tmp_path / target
+        out.mkdir()
+        files, _, report = qdq.write_variants(model, plan, scales, target, out, "denoiser")
+        assert set(conditioning) <= set(report)
+        q = Quantization(plan, scales, target, "test")
+        for g, f in enumerate(files):
+            got = simulation_sqnr(d, q, out / f, d.example_inputs(2, seed=11), g, d.input_names,
+                                  threads=1)
+            assert got >= 35, (target, g, got)
+        if target == "trt":
+            assert qdq.check_model(onnx.load(str(out / files[0])), target) == []
 
 def test_export_cli_with_plan_makes_a_bundle_that_generates_checks_and_compares(
         tiny_checkpoints, tmp_path, monkeypatch, capsys):
