@@ -44,20 +44,21 @@ from .stats import (Statistics, collect_statistics, encode_conditions, in_featur
 from .targets import effective_precision
 from .timesteps import group_by_tolerance, group_fixed, groups_to_ranges
 
-# Layers that stay floating point unless a plan's rules or layers say otherwise: patch
-# embedders, timestep/caption embedders, the adaLN modulation linears (per-sample
-# conditioning, not per-token work) and the final layer.
+# Layers that stay floating point unless a plan's rules or layers say otherwise: the patch,
+# timestep, class and caption embedders and the final layer (its adaLN included). The adaLN
+# modulation linears of the blocks (PixArt's shared t_block, DiT's per-block norm1.linear) are
+# quantized like any block linear: in DiT they hold a quarter of the weights.
 DEFAULT_FP = {
-    "pixart": [r"transformer\.pos_embed\..*", r"transformer\.adaln_single\..*",
+    "pixart": [r"transformer\.pos_embed\..*", r"transformer\.adaln_single\.emb\..*",
                r"transformer\.caption_projection\..*", r"transformer\.proj_out"],
-    "dit": [r"transformer\.pos_embed\..*", r"transformer\.transformer_blocks\.\d+\.norm1\..*",
+    "dit": [r"transformer\.pos_embed\..*", r"transformer\.transformer_blocks\.\d+\.norm1\.emb\..*",
             r"transformer\.proj_out_1", r"transformer\.proj_out_2"],
 }
 # Of those, what `effgen plan` never allocates: the patch embedding and the output projection,
-# where pixels or latents go in and come out. The embedders and adaLN linears it may quantize
-# when their measured sensitivity allows: they are per-sample vectors, so their activations
-# cost nothing, but their weights are a third (pixart-ref) to a half (dit-ref, one timestep
-# embedder and adaLN per block) of a small model, which a weight budget cannot ignore.
+# where pixels or latents go in and come out. The embedders it may quantize when their
+# measured sensitivity allows: they read per-sample vectors (or the text tokens), and in
+# dit-ref (one timestep embedder per block, as diffusers builds DiT) they are 14% of the
+# weights, which a weight budget cannot ignore.
 ALLOCATION_FP = {
     "pixart": [r"transformer\.pos_embed\..*", r"transformer\.proj_out"],
     "dit": [r"transformer\.pos_embed\..*", r"transformer\.proj_out_2"],

@@ -449,9 +449,9 @@ def test_ort_matches_the_simulation_for_every_sample_plan(tiny, tmp_path):
 
 
 @pytest.mark.parametrize("name", ["dit-tiny", "pixart-tiny"])
-def test_ort_matches_the_simulation_with_embedders_and_adaln_quantized(tiny, tmp_path, name):
-    """`effgen plan` may quantize the timestep/caption embedders and adaLN linears (per-sample
-    vectors, unlike the block linears): W4 there, W8A8 in the blocks, on both targets."""
+def test_ort_matches_the_simulation_with_the_embedders_quantized(tiny, tmp_path, name):
+    """`effgen plan` may quantize the timestep/caption embedders (FP in rules plans): W4
+    there, W8A8 everywhere else it allocates (adaLN modulation included), on both targets."""
     from effgen.calib.calibrate import DEFAULT_FP, calibrate
     from effgen.calib.sensitivity import allocatable_layers
     from effgen.exporter.quantized import Quantization, simulation_sqnr
