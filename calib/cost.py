@@ -46,8 +46,9 @@ def weight_bytes(denoiser: torch.nn.Module, plan: Plan | None = None, target: st
 
 def layer_weight_bytes(shape: tuple[int, ...], eff: LayerPrecision, smoothed: bool, target: str) -> int:
     """Bytes of one layer's weight of `shape` (out, in[, kh, kw]) at its effective precision
-    on `target`: w_bits/8 per value plus one FP scale per output channel or block, plus the
-    smoothing vector (one FP value per input channel) where the layer is smoothed. An FP
+    on `target`: a byte per value (int8, the 7-bit grid included) or half a byte (int4), one
+    FP scale per output channel or block, and the smoothing vector (one FP value per input
+    channel) where the layer is smoothed. An FP
     weight is its values at the target's FP width. (The mixed-precision allocator prices
     each candidate precision of a layer with this.)"""
     b = fp_bytes(target)
@@ -57,4 +58,5 @@ def layer_weight_bytes(shape: tuple[int, ...], eff: LayerPrecision, smoothed: bo
     rows = shape[0]
     k = numel // rows
     n_scales = rows * (k // eff.block_size if eff.block_size else 1)
-    return (numel * eff.w_bits + 7) // 8 + n_scales * b + (shape[1] * b if smoothed else 0)
+    stored_bits = 4 if eff.w_bits <= 4 else 8  # ort-cpu's 7-bit weights are stored in int8
+    return (numel * stored_bits + 7) // 8 + n_scales * b + (shape[1] * b if smoothed else 0)

@@ -43,9 +43,6 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--n-calib", type=int, default=32, help="calibration prompts/labels (with --plan)")
     q.add_argument("--calib-steps", type=int, default=None,
                    help="sampler steps of the calibration runs (default: the model's)")
-    q.add_argument("--ort-int8", choices=["u8u8", "s8s8"], default=None,
-                   help="int8 storage on ort-cpu (default u8u8: exact on AVX2 CPUs without VNNI, "
-                   "where ONNX Runtime's S8S8/U8S8 kernel saturates; s8s8 for VNNI or ARM CPUs)")
     return p
 
 
@@ -61,13 +58,10 @@ def main(argv=None) -> int:
     out = args.out or Path("build") / args.model
     quantize = None
     if args.plan is not None or args.scales is not None:
-        if args.ort_int8 is not None and (args.target or "ort-cpu") != "ort-cpu":
-            raise ValueError("--ort-int8 applies to --target ort-cpu")
         quantize = {"plan": args.plan, "scales_dir": args.scales, "target": args.target,
-                    "n_calib": args.n_calib, "calib_steps": args.calib_steps,
-                    "int8_format": args.ort_int8}
-    elif args.target is not None or args.ort_int8 is not None:
-        raise ValueError("--target/--ort-int8 need --plan or --scales (a quantized export)")
+                    "n_calib": args.n_calib, "calib_steps": args.calib_steps}
+    elif args.target is not None:
+        raise ValueError("--target needs --plan or --scales (a quantized export)")
     t0 = time.perf_counter()
     export_bundle(args.model, out, checkpoint=args.checkpoint, resolution=args.resolution,
                   batch=args.batch, quantize=quantize)

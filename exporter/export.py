@@ -89,7 +89,7 @@ def export_bundle(model: str, out: Path, checkpoint: Path | None = None,
     """Export `model` into the bundle directory `out` (replaced if it exists).
 
     `quantize`: keyword arguments of `quantized.prepare_quantization` (plan, scales_dir,
-    target, n_calib, calib_steps, int8_format): the denoiser becomes one QDQ graph per
+    target, n_calib, calib_steps): the denoiser becomes one QDQ graph per
     timestep group sharing one weight file, with plan.json and scales.safetensors."""
     from ..models.configs import get_spec
 

@@ -315,19 +315,16 @@ def _block_for_per_channel(k: int) -> int:
     return k
 
 
-INT8_FORMATS = ("s8s8", "u8u8")
 
 
-def quantize_weight(layer: Layer, bits: int, granularity: str, w_scale, int8_format: str = "s8s8") -> None:
+def quantize_weight(layer: Layer, bits: int, granularity: str, w_scale) -> None:
     """Replace the FP weight by an int8 (per output channel) or int4 (blockwise along K)
     initializer and a DequantizeLinear, with the scales as given (the scales file's
     `L.w_scale`: (out,) or (out, K // block)). An int4 per-channel weight is written as
     blocks along K that repeat the channel's scale (identical numbers; TensorRT and ONNX
-    Runtime want INT4 blocked). `int8_format="u8u8"`: the same int8 grid stored as uint8 with
-    zero point 128 (identical numbers; see `lower`)."""
+    Runtime want INT4 blocked). `bits=7` (ONNX Runtime CPU, see calib.targets): int8 storage
+    of the grid [-64, 63]. Weights are signed on every target."""
     gs = _gs()
-    if int8_format not in INT8_FORMATS:
-        raise QdqError(f"int8 format must be one of {', '.join(INT8_FORMATS)}, got {int8_format!r}")
     if not isinstance(layer.node.inputs[1], gs.Constant):
         raise QdqError(f"{layer.module}: the weight is already quantized")
     w = _values(layer.node.inputs[1]).astype(np.float32)
@@ -337,8 +334,8 @@ def quantize_weight(layer: Layer, bits: int, granularity: str, w_scale, int8_for
     qmax = 2 ** (bits - 1) - 1
     if bits == 4 and layer.kind == "conv":
         raise QdqError(f"{m}: no int4 convolution (the target table makes it W8)")
-    if bits not in (4, 8):
-        raise QdqError(f"{m}: weight bits must be 4 or 8, got {bits}")
+    if bits not in (4, 7, 8):
+        raise QdqError(f"{m}: weight bits must be 4, 7 or 8, got {bits}")
     if granularity == "per_channel":
         if scale.shape != (n_out,):
             raise QdqError(f"{m}.w_scale has shape {scale.shape}, per-channel needs ({n_out},)")
@@ -350,15 +347,13 @@ def quantize_weight(layer: Layer, bits: int, granularity: str, w_scale, int8_for
     scale = np.maximum(scale, np.float32(EPS / qmax)).astype(np.float32)
     dq_inputs: list = []
     attrs: dict[str, int] = {}
-    if bits == 8:
+    if bits in (7, 8):
         bshape = [1] * w.ndim
         bshape[out_axis] = n_out
         if scale.ndim != 1:
             raise QdqError(f"{m}: int8 weights are quantized per output channel, not {granularity}")
         q = np.clip(np.round(w / scale.reshape(bshape)), -qmax - 1, qmax).astype(np.int8)
         zp = np.zeros(n_out, np.int8)
-        if int8_format == "u8u8":
-            q, zp = (q.astype(np.int16) + 128).astype(np.uint8), np.full(n_out, 128, np.uint8)
         data = _const(f"{m}.weight_quantized", q)
         dq_inputs = [data, _const(f"{m}.weight_scale", scale), _const(f"{m}.weight_zero_point", zp)]
         attrs = {"axis": out_axis}
@@ -487,13 +482,13 @@ def activation_scale_name(module: str) -> str:
 def quantize_activation(graph, layer: Layer, amax: float, int8_format: str = "s8s8") -> None:
     """QuantizeLinear -> DequantizeLinear on the layer's input, per tensor, int8, zero point
     0, scale amax / 127 (the scale is a scalar initializer named `<module>.input_scale`, the
-    one thing that differs between timestep variants). `int8_format="u8u8"`: uint8 with zero
-    point 128, the same grid."""
+    one thing that differs between timestep variants). `int8_format="u8s8"`: uint8 with zero
+    point 128, the same grid shifted (what ONNX Runtime's U8S8 kernels take)."""
     gs = _gs()
     scale = _act_scale(amax)
     sc = _const(activation_scale_name(layer.module), np.array(scale, np.float32))
     zp = _const(f"{layer.module}.input_zero_point",
-                np.array(128, np.uint8) if int8_format == "u8u8" else np.array(0, np.int8))
+                np.array(128, np.uint8) if int8_format == "u8s8" else np.array(0, np.int8))
     base = f"{layer.scope}/input"
     x = layer.node.inputs[0]
     xq = gs.Variable(f"{layer.module}.input_quantized", dtype=zp.values.dtype, shape=x.shape)
@@ -714,24 +709,21 @@ def rotated_modules(plan: Plan, layers: Mapping[str, Layer]) -> list[str]:
 
 
 def default_int8_format(target: str) -> str:
-    """TensorRT: S8S8 (INT8, zero point 0). ONNX Runtime CPU: U8U8 with zero point 128 — the
-    same symmetric int8 grid, stored shifted. Measured (ORT 1.32, AVX2 without VNNI): MLAS's
-    U8S8 kernel, which S8S8 runs on, sums u8*s8 pairs in int16 (vpmaddubsw) and saturates
-    with full-range int8 weights: a QDQ MatMul is 29-30 dB from the exact int8 result, while
-    the U8U8 kernel is exact (148 dB) at ~1.2x the U8S8 GEMM time. On CPUs with VNNI (or ARM
-    sdot) S8S8 is exact: export with int8_format="s8s8" for them."""
-    return "u8u8" if target == "ort-cpu" else "s8s8"
+    """TensorRT: S8S8 (INT8, zero point 0). ONNX Runtime CPU: U8S8, activations as uint8 with
+    zero point 128 (the same symmetric grid, shifted) and int8 weights on the 7-bit grid of
+    calib.targets, the pattern MLAS runs on its fastest int8 kernel, exactly on any x86 or
+    ARM CPU. (The exact alternative for full-range int8 weights on AVX2, U8U8, measured 1.6x
+    slower per GEMM.)"""
+    return "u8s8" if target == "ort-cpu" else "s8s8"
 
 
 def lower(model: onnx.ModelProto, plan: Plan, scales: Mapping[str, Any], target: str,
-          group: int = 0, fold_smoothing: bool = True, int8_format: str | None = None
+          group: int = 0, fold_smoothing: bool = True
           ) -> tuple[onnx.ModelProto, dict[str, LayerLowering]]:
     """The FP graph with the plan's quantization for `target`, activation scales of timestep
     group `group`. Layers the plan keeps FP (or that are FP on the target) are untouched."""
     gs = _gs()
-    int8_format = int8_format or default_int8_format(target)
-    if int8_format == "u8u8" and target != "ort-cpu":
-        raise QdqError("TensorRT takes only signed INT8 with zero point 0 (int8 format s8s8)")
+    int8_format = default_int8_format(target)
     if not 0 <= group < len(plan.timestep_groups):
         raise QdqError(f"timestep group {group} does not exist ({len(plan.timestep_groups)} groups)")
     graph = gs.import_onnx(model)
@@ -761,8 +753,8 @@ def lower(model: onnx.ModelProto, plan: Plan, scales: Mapping[str, Any], target:
             w_scale = _scale(scales, m, "w_scale")
             if w_scale is None:
                 raise QdqError(f"scales: no {m}.w_scale for a {eff.w_bits}-bit weight")
-            quantize_weight(layer, eff.w_bits, eff.w_granularity, w_scale, int8_format)
-        if eff.w_bits == 8:  # ORT must open every target's graph (trt bundles run on ORT too)
+            quantize_weight(layer, eff.w_bits, eff.w_granularity, w_scale)
+        if eff.w_bits in (7, 8):  # ORT must open every target's graph (trt bundles run on ORT too)
             bias_to_2d(layer)
     # Layers that read the same tensor through the same path (smoothing vector, rotation,
     # activation amax of every group: q/k/v without smoothing) share one Mul/MatMul/Q/DQ
@@ -857,8 +849,8 @@ def variant_file(name: str, group: int, n_groups: int) -> str:
 
 
 def write_variants(model: onnx.ModelProto, plan: Plan, scales: Mapping[str, Any], target: str,
-                   out_dir: Path, name: str, fold_smoothing: bool = True,
-                   int8_format: str | None = None) -> tuple[list[str], str, dict[str, LayerLowering]]:
+                   out_dir: Path, name: str, fold_smoothing: bool = True
+                   ) -> tuple[list[str], str, dict[str, LayerLowering]]:
     """One lowered graph per timestep group in `out_dir`, all pointing at ONE external weight
     file `<name>.weights`, written once with group 0; the other groups' graphs are group 0's
     with other activation-scale initializers (inline scalars, the only inline initializers)
@@ -867,7 +859,7 @@ def write_variants(model: onnx.ModelProto, plan: Plan, scales: Mapping[str, Any]
     out_dir = Path(out_dir)
     weights = f"{name}.weights"
     k = len(plan.timestep_groups)
-    lowered, report = lower(model, plan, scales, target, 0, fold_smoothing, int8_format)
+    lowered, report = lower(model, plan, scales, target, 0, fold_smoothing)
     files = [variant_file(name, g, k) for g in range(k)]
     # Every initializer but the activation scales goes to the shared file (even small
     # biases: inline they would be copied into every variant graph).
@@ -962,7 +954,9 @@ def check_model(model: onnx.ModelProto, target: str, base_dir: Path | None = Non
     MatMul/Gemm (no INT4 Conv), opset >= 21; per-channel weight scales on the output-channel
     axis; a DQ output feeds only MatMul/Gemm/Conv (outputs stay in high precision).
     ort-cpu also: an int8 weight DQ needs a quantized activation on the same MatMul/Gemm
-    (else it does not fuse and runs slower than FP32); no QDQ Conv (CPU Conv runs fp32; a DQ
+    (else it does not fuse and runs slower than FP32) and values within +-64 (the 7-bit grid
+    that MLAS's U8S8 kernel sums without overflow; checked where the data is readable); no
+    QDQ Conv (CPU Conv runs fp32; a DQ
     Conv only fuses with a quantized output); QDQ Gemm without a float bias; INT4 DQ on axis 0
     with a power-of-two block >= 16 feeding a MatMul (MatMulNBits).
     """
@@ -1112,6 +1106,11 @@ def check_model(model: onnx.ModelProto, target: str, base_dir: Path | None = Non
                             f"{c.op_type} {c.name} is axis {oa}")
                     elif wt is not None and nscale != wt.dims[oa]:
                         bad(n, f"{nscale} weight scales for {wt.dims[oa]} output channels")
+            if target == "ort-cpu" and gemms and data_type == TensorProto.INT8:
+                q = const_array(data_name)
+                if q is not None and q.size and int(np.abs(q.astype(np.int16)).max()) > 64:
+                    bad(n, "int8 weight beyond +-64: ONNX Runtime's U8S8 kernel overflows its "
+                        "int16 pair sums on AVX2 CPUs without VNNI (ort-cpu weights are 7-bit)")
             if target == "ort-cpu":
                 for c in gemms:
                     x = c.input[0]

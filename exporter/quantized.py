@@ -28,13 +28,12 @@ class Quantization:
     scales: dict[str, Any]  # torch tensors, keys of calib.scales
     target: str
     source: str  # "calibrated" | the --scales directory
-    int8_format: str | None = None
     fp_bundle: Path | None = None  # reuse this FP bundle's denoiser graph instead of exporting
 
 
 def prepare_quantization(denoiser, plan: str | Path | None = None, scales_dir: str | Path | None = None,
                          target: str | None = None, n_calib: int = 32, calib_steps: int | None = None,
-                         int8_format: str | None = None, fp_bundle: str | Path | None = None,
+                         fp_bundle: str | Path | None = None,
                          log: Callable[[str], None] = print) -> Quantization:
     """Calibrate `plan` for `denoiser` on `target` (cached statistics are reused), or read a
     calibration directory (plan.json + scales.safetensors from `effgen calib`). `fp_bundle`:
@@ -70,7 +69,7 @@ def prepare_quantization(denoiser, plan: str | Path | None = None, scales_dir: s
                                 f"{target}; recalibrate with --target {target}")
         log(f"plan and scales from {scales_dir} ({resolved.target}, "
             f"{len(resolved.timestep_groups)} timestep group(s))")
-        return Quantization(resolved, scales, target, str(scales_dir), int8_format,
+        return Quantization(resolved, scales, target, str(scales_dir),
                             None if fp_bundle is None else Path(fp_bundle))
     if plan is None:
         raise PlanError("give --plan PLAN (calibrated now) or --scales DIR (from effgen calib)")
@@ -79,7 +78,7 @@ def prepare_quantization(denoiser, plan: str | Path | None = None, scales_dir: s
                                  log=log, progress=False)
     log(f"calibrated {Path(plan).name} for {resolved.target}: "
         f"{len(resolved.timestep_groups)} timestep group(s) {resolved.timestep_groups}")
-    return Quantization(resolved, scales, resolved.target, "calibrated", int8_format,
+    return Quantization(resolved, scales, resolved.target, "calibrated",
                         None if fp_bundle is None else Path(fp_bundle))
 
 
@@ -171,8 +170,7 @@ def export_quantized_denoiser(denoiser, quant: Quantization, batch: int, sample_
             fp_path = Path(tmp) / fp.onnx
             log(f"  FP denoiser: ONNX Runtime vs PyTorch max error {fp.max_abs_error:.2e}")
         model = onnx.load(str(fp_path))
-        files, weights, report = qdq.write_variants(model, plan, quant.scales, target, work, "denoiser",
-                                                    int8_format=quant.int8_format)
+        files, weights, report = qdq.write_variants(model, plan, quant.scales, target, work, "denoiser")
         del model
     write_calibration(work, plan, quant.scales)
     violations = [f"{f}: {v}" for f in files for v in qdq.check_file(work / f, target)]
@@ -199,7 +197,7 @@ def export_quantized_denoiser(denoiser, quant: Quantization, batch: int, sample_
     log("  layers: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())))
     fp_layers = {m: {"planned": p.to_json(), "precision": "FP"} for m, p in plan.layers.items()
                  if m not in report}
-    int8_format = quant.int8_format or qdq.default_int8_format(target)
+    int8_format = qdq.default_int8_format(target)
     return {
         "inputs": fp.inputs, "outputs": fp.outputs, "external_data": weights, "variants": variants,
         "max_abs_error": fp.max_abs_error, "tolerance": fp.tolerance,

@@ -101,8 +101,8 @@ class OrtComponent:
     `EFFGEN_ORT_SHARE_WEIGHTS=0|1` overrides; the sessions of a multi-variant component
     always share one arena.
     A TensorRT-target quantized bundle runs the Q/DQ reference semantics here
-    (`session.disable_quant_qdq`): its S8S8 graphs are not shaped for ONNX Runtime's integer
-    kernels (see exporter/qdq.py, default_int8_format).
+    (`session.disable_quant_qdq`): its S8S8 graphs with full-range int8 weights are not
+    shaped for ONNX Runtime's integer kernels (see exporter/qdq.py, default_int8_format).
     """
 
     def __init__(self, bundle: Bundle, name: str, threads: int = 0,

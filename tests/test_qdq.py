@@ -261,9 +261,9 @@ def test_gemm_and_bias_shaping_fuse_on_ort_cpu(tmp_path):
         if bits == 8:
             if op == "gemm":
                 assert qdq.gemm_split_bias(graph, layer) and len(layer.node.inputs) == 2
-            qdq.quantize_weight(layer, 8, "per_channel", np.abs(w).max(1) / 127, "u8u8")
+            qdq.quantize_weight(layer, 7, "per_channel", np.abs(w).max(1) / 63)
             assert qdq.bias_to_2d(layer) == (op == "matmul")
-            qdq.quantize_activation(graph, layer, 3.0, "u8u8")
+            qdq.quantize_activation(graph, layer, 3.0, "u8s8")
         else:
             qdq.gemm_to_matmul(graph, layer)
             assert layer.op == "MatMul" and layer.weight_shape() == (64, 48)
@@ -277,6 +277,23 @@ def test_gemm_and_bias_shaping_fuse_on_ort_cpu(tmp_path):
         ref = x @ w.T + b
         assert sqnr(ref, run(out, {"x": x})) > (30 if bits == 8 else 15)
 
+
+
+def test_ort_cpu_int8_weights_must_stay_on_the_7_bit_grid():
+    """MLAS's U8S8 kernel (AVX2 without VNNI) sums u8 x s8 pairs in int16: weights beyond
+    +-64 overflow it, so the checker names them on ort-cpu and the lowering never makes them."""
+    m, w, _ = linear_model()
+    graph, layer = layer_of(m)
+    qdq.quantize_weight(layer, 8, "per_channel", np.abs(w).max(1) / 127)
+    qdq.quantize_activation(graph, layer, 3.0, "u8s8")
+    rules = [v.rule for v in qdq.check_model(export(graph), "ort-cpu")]
+    assert len(rules) == 1 and "beyond +-64" in rules[0]
+    assert qdq.check_model(export(graph), "trt") != []  # u8 activations: not for TensorRT either
+    m, w, _ = linear_model()
+    graph, layer = layer_of(m)
+    qdq.quantize_weight(layer, 7, "per_channel", np.abs(w).max(1) / 63)
+    qdq.quantize_activation(graph, layer, 3.0, "u8s8")
+    assert qdq.check_model(export(graph), "ort-cpu") == []
 
 # --- target rules ------------------------------------------------------------------------
 
@@ -352,8 +369,8 @@ def _expected(plan, target, graph_kinds):
     out = {}
     for m, p in plan.quantized().items():
         e = effective_precision(p, graph_kinds[m], target)
-        if not e.is_fp:
-            out[m] = f"W{e.w_bits}A{8 if e.a_bits < 16 and e.a_granularity == 'per_tensor' else 16}"
+        if not e.is_fp:  # as stored: ort-cpu's 7-bit weights are int8
+            out[m] = f"W{4 if e.w_bits == 4 else 8}A{8 if e.a_bits < 16 and e.a_granularity == 'per_tensor' else 16}"
     return out
 
 
@@ -385,9 +402,9 @@ def test_ort_cpu_lowering_runs_on_integer_kernels(tiny, tmp_path):
     for m, scope in scopes.items():  # what ORT made of the layer (not of the smoothing Mul)
         by_module[m] = {op for op, name in nodes if name.startswith(scope + "/")
                         and not name.startswith((scope + "/smooth/", scope + "/rotate/"))}
-    w8 = [m for m, r in report.items() if r.effective.w_bits == 8]
+    w8 = [m for m, r in report.items() if r.effective.w_bits == 7]  # W8A8 runs W7A8 here
     w4 = [m for m, r in report.items() if r.effective.w_bits == 4]
-    assert w8 and w4
+    assert w8 and w4 and len(w8) + len(w4) == len(report)
     for m in w8:
         assert "MatMulIntegerToFloat" in by_module[m] or "QLinearMatMul" in by_module[m], (m, by_module[m])
     for m in w4:
