@@ -143,10 +143,11 @@ _SPECS = [
               steps=50, guidance=4.0),
     ModelSpec("dit-xl-2-512", "dit", _dit(28, 16, 72, 64, 1000), num_classes=1000,
               steps=50, guidance=4.0),
-    # Tiny versions of both architectures for tests: same code paths, seconds to export.
-    ModelSpec("pixart-tiny", "pixart", _pixart(2, 2, 16, 8, 32), text=TextSpec("t5-v1_1-xxl", 8, 32),
+    # Tiny versions of both architectures for tests: same code paths, seconds to export;
+    # width 64, so that INT4 blocks of 64 fit every block linear as in the real models.
+    ModelSpec("pixart-tiny", "pixart", _pixart(2, 2, 32, 8, 32), text=TextSpec("t5-v1_1-xxl", 8, 32),
               steps=4),
-    ModelSpec("dit-tiny", "dit", _dit(2, 2, 16, 8, 10), num_classes=10, steps=4),
+    ModelSpec("dit-tiny", "dit", _dit(2, 2, 32, 8, 10), num_classes=10, steps=4),
     # Reference models: trained by samples/train_reference.py on models/refdata.py, in pixel
     # space (32x32 RGB, no VAE), and shipped with effgen.
     # They predict v, not epsilon: at the first step of a sampler (alpha_bar ~ 4e-5) an
