@@ -13,8 +13,11 @@ trained for the step counts in their metadata (`safe_open(path, "pt").metadata()
 
 DDPM on the linear beta schedule of PixArt-alpha and DiT with v-prediction (the spec's
 scheduler says which), pixels in [-1, 1], 10% condition dropout for classifier-free guidance,
-AdamW with warm-up and cosine decay over the budget, EMA weights saved
-(models/training.py, shared with samples/train_ecar.py).
+DiT's initialisation for fresh runs (models/training.dit_init), AdamW with warm-up and cosine
+decay over the budget, EMA weights saved (models/training.py, shared with
+samples/train_ecar.py). The shipped weights: three runs, the last two with --resume
+(--minutes 75, then 85), ~3.8 hours each; the last run's low-learning-rate tail is what
+turned scattered 4x4 patches into one blob per image.
 """
 
 from __future__ import annotations
