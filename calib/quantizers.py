@@ -107,11 +107,19 @@ def quantize_weight(w: torch.Tensor, bits: int, granularity: str = "per_channel"
 # --- activations -------------------------------------------------------------------------
 
 
-def fake_quant_per_token(x: torch.Tensor, bits: int, channel_dim: int = -1) -> torch.Tensor:
+def fake_quant_per_token(x: torch.Tensor, bits: int, channel_dim: int = -1,
+                         block: int | None = None) -> torch.Tensor:
     """ViDiT-Q's dynamic activation quantization: every token (every position along the
-    dimensions other than `channel_dim`) gets its own scale, its absmax / qmax."""
-    amax = x.detach().abs().amax(dim=channel_dim, keepdim=True).clamp_min(EPS)
-    return fake_quant(x, amax / qmax(bits), bits)
+    dimensions other than `channel_dim`) gets its own scale, its absmax / qmax; with `block`,
+    every run of `block` channels of a token its own (what ONNX Runtime's MatMulNBits does
+    with accuracy_level 4)."""
+    if block is None or block >= x.shape[channel_dim]:
+        amax = x.detach().abs().amax(dim=channel_dim, keepdim=True).clamp_min(EPS)
+        return fake_quant(x, amax / qmax(bits), bits)
+    moved = x.movedim(channel_dim, -1)
+    blocks = moved.reshape(*moved.shape[:-1], -1, block)
+    amax = blocks.detach().abs().amax(dim=-1, keepdim=True).clamp_min(EPS)
+    return fake_quant(blocks, amax / qmax(bits), bits).reshape(moved.shape).movedim(-1, channel_dim)
 
 
 def fake_quant_per_tensor(x: torch.Tensor, amax: torch.Tensor | float, bits: int) -> torch.Tensor:

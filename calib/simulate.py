@@ -21,6 +21,7 @@ from .balance import hadamard, rotate_weight, rotated_layers, smooth_weight
 from .bos import TOKEN_AXIS, first_token_layers
 from .plan import LayerPrecision, Plan
 from .quantizers import fake_quant_per_tensor, fake_quant_per_token, quantize_weight
+from .targets import int4_block_size
 from .stats import in_features, module_kind, quantizable_modules
 from .targets import effective_precision
 from .timesteps import group_index
@@ -97,8 +98,9 @@ class _SimBase(torch.nn.Module):
         p = self.precision
         if p.a_bits >= 16:
             return x
-        if p.a_granularity == "per_token":
-            return fake_quant_per_token(x, p.a_bits, channel_dim=ch)
+        if p.a_granularity == "per_token":  # ort-cpu W4: MatMulNBits quantizes per K block
+            block = int4_block_size(p, x.shape[ch]) if p.w_bits == 4 else None
+            return fake_quant_per_token(x, p.a_bits, channel_dim=ch, block=block)
         q = fake_quant_per_tensor(x, self.a_amax[self.ctx.current()], p.a_bits)
         if self.keep_first_token:
             n = x.shape[TOKEN_AXIS]

@@ -15,6 +15,16 @@ KINDS = ("linear", "conv")
 ORT_CPU_INT8_WEIGHT_BITS = 7
 
 
+def int4_block_size(prec: LayerPrecision, k: int) -> int:
+    """The K block of a 4-bit weight as exported: its own block, or for a per-channel one the
+    largest of 128/64/32/16 that divides K (TensorRT and ONNX Runtime take INT4 blocked only;
+    the channel's scale repeats). On ONNX Runtime CPU, MatMulNBits (accuracy_level 4) also
+    quantizes its input to int8 per row in blocks of this size."""
+    if prec.block_size:
+        return prec.block_size
+    return next((b for b in (128, 64, 32, 16) if k % b == 0), k)
+
+
 def effective_precision(prec: LayerPrecision, kind: str, target: str) -> LayerPrecision:
     """The precision a layer of `kind` ("linear" | "conv") planned at `prec` really runs at on
     `target` ("ort-cpu" | "trt" | "trt-orin").
@@ -38,7 +48,9 @@ def effective_precision(prec: LayerPrecision, kind: str, target: str) -> LayerPr
       u8 x s8 products in int16, which full-range int8 weights overflow (255 * 127 * 2 >
       32767); 7-bit weights cannot (255 * 64 * 2 = 32640): ONNX Runtime's own `reduce_range`
       fix. Measured on this machine's AVX2 cores: a 2048x1152x4608 GEMM runs 173-191 ms in
-      U8S8 against 294 ms in the exact U8U8 kernel (443 ms FP32).
+      U8S8 against 294 ms in the exact U8U8 kernel (443 ms FP32). A W8 layer with FP
+      activations (W8A16, e.g. from `effgen plan` for TensorRT) runs FP: ONNX Runtime CPU has
+      no fused weight-only int8 GEMM, and an unfused DQ -> MatMul is slower than FP32.
     """
     if target not in TARGETS:
         raise PlanError(f"target: {target!r} is not one of {', '.join(TARGETS)}")
@@ -71,6 +83,8 @@ def effective_precision(prec: LayerPrecision, kind: str, target: str) -> LayerPr
         return dataclasses.replace(p, a_granularity="per_token")  # MatMulNBits, accuracy_level 4
     if p.a_granularity == "per_token":
         p = dataclasses.replace(p, a_granularity="per_tensor")
-    if p.w_bits == 8 and p.a_bits < 16:
+    if p.w_bits == 8 and p.a_bits >= 16:
+        return FP
+    if p.w_bits == 8:
         p = dataclasses.replace(p, w_bits=ORT_CPU_INT8_WEIGHT_BITS)
     return p

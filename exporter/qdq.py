@@ -53,7 +53,7 @@ from onnx import TensorProto
 
 from ..calib.bos import first_token_layers
 from ..calib.plan import LayerPrecision, Plan, TARGETS
-from ..calib.targets import effective_precision
+from ..calib.targets import effective_precision, int4_block_size
 
 LAYER_OPS = ("MatMul", "Gemm", "Conv")
 QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
@@ -308,13 +308,6 @@ def rotate_weight(layer: Layer, h: np.ndarray) -> None:
     _set_weight(layer, rotated, "_rotated")
 
 
-def _block_for_per_channel(k: int) -> int:
-    for b in (128, 64, 32, 16):
-        if k % b == 0:
-            return b
-    return k
-
-
 
 
 def quantize_weight(layer: Layer, bits: int, granularity: str, w_scale) -> None:
@@ -359,7 +352,7 @@ def quantize_weight(layer: Layer, bits: int, granularity: str, w_scale) -> None:
         attrs = {"axis": out_axis}
     else:
         if scale.ndim == 1:  # per channel: one scale repeated over blocks along K
-            block = _block_for_per_channel(k)
+            block = int4_block_size(LayerPrecision(4, 16, "per_channel"), k)
             scale = np.repeat(scale[:, None], k // block, axis=1)
         else:
             block = k // scale.shape[1]

@@ -219,7 +219,10 @@ def test_effective_precision_table_for_trt_and_ort_cpu():
         assert effective_precision(w8a8_tok, "linear", trt) == LayerPrecision(8, 8, "per_channel", "per_tensor")
         assert effective_precision(w4a8, "conv", trt) == LayerPrecision(8, 8, "per_channel", "per_tensor")
     assert effective_precision(w4a8, "linear", "ort-cpu") == LayerPrecision(4, 8, "block32", "per_token")
-    assert effective_precision(w8a8_tok, "linear", "ort-cpu").a_granularity == "per_tensor"
+    assert effective_precision(w8a8_tok, "linear", "ort-cpu") == LayerPrecision(7, 8)  # U8S8, 7-bit weights
+    # weight-only int8 has no fused kernel on ONNX Runtime CPU: it runs FP there
+    assert effective_precision(LayerPrecision(8, 16), "linear", "ort-cpu") == FP
+    assert effective_precision(LayerPrecision(8, 16), "linear", "trt") == LayerPrecision(8, 16)
     assert effective_precision(LayerPrecision(8, 8), "linear", "trt") == LayerPrecision(8, 8)
     assert effective_precision(LayerPrecision(4, 16, "block64"), "linear", "trt") == LayerPrecision(4, 16, "block64")
     assert effective_precision(FP, "conv", "ort-cpu") == FP
