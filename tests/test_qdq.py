@@ -406,7 +406,7 @@ def test_ort_cpu_lowering_runs_on_integer_kernels(tiny, tmp_path):
     w4 = [m for m, r in report.items() if r.effective.w_bits == 4]
     assert w8 and w4 and len(w8) + len(w4) == len(report)
     for m in w8:
-        assert "MatMulIntegerToFloat" in by_module[m] or "QLinearMatMul" in by_module[m], (m, by_module[m])
+        assert by_module[m] & {"MatMulIntegerToFloat", "QLinearMatMul", "QGemm"}, (m, by_module[m])
     for m in w4:
         assert "MatMulNBits" in by_module[m], (m, by_module[m])
     for m in report:
@@ -466,19 +466,21 @@ def test_ort_matches_the_simulation_for_every_sample_plan(tiny, tmp_path):
 
 
 @pytest.mark.parametrize("name", ["dit-tiny", "pixart-tiny"])
-def test_ort_matches_the_simulation_with_the_embedders_quantized(tiny, tmp_path, name):
-    """`effgen plan` may quantize the timestep/caption embedders (FP in rules plans): W4
-    there, W8A8 everywhere else it allocates (adaLN modulation included), on both targets."""
+def test_ort_matches_the_simulation_with_the_conditioning_layers_quantized(tiny, tmp_path, name):
+    """A plan may quantize what the family keeps FP by default: the timestep/caption
+    embedders and adaLN linears at W4 here, the block linears W8A8, on both targets."""
     from effgen.calib.calibrate import DEFAULT_FP, calibrate
     from effgen.calib.sensitivity import allocatable_layers
+    from effgen.calib.stats import quantizable_modules
     from effgen.exporter.quantized import Quantization, simulation_sqnr
 
     d, model, stats = tiny[name]
     fp_rules = DEFAULT_FP[d.spec.family]
-    conditioning = [n for n in allocatable_layers(d) if any(re.fullmatch(p, n) for p in fp_rules)]
+    conditioning = [n for n in quantizable_modules(d) if any(re.fullmatch(p, n) for p in fp_rules)
+                    and not re.search(r"pos_embed|proj_out", n)]
     assert conditioning
-    layers = {n: {"w_bits": 4, "a_bits": 8, "w_granularity": "block32"} if n in conditioning
-              else {"w_bits": 8, "a_bits": 8} for n in allocatable_layers(d)}
+    layers = {n: {"w_bits": 4, "a_bits": 8, "w_granularity": "block32"} for n in conditioning}
+    layers.update({n: {"w_bits": 8, "a_bits": 8} for n in allocatable_layers(d)})
     raw = {"format": "effgen.plan/1", "model": name, "layers": layers,
            "techniques": {"timestep_grouping": {"k": 2}, "act_scale": {"method": "minmax"}}}
     for target in ("trt", "ort-cpu"):
