@@ -47,10 +47,9 @@ from .timesteps import group_by_tolerance, group_fixed, groups_to_ranges
 # Layers that stay floating point unless a plan's rules or layers say otherwise: patch
 # embedders, timestep/caption embedders, the adaLN modulation linears (per-sample
 # conditioning, not per-token work) and the final layer. Measured on pixart-ref (quality
-# table, 64 images): with the adaLN linear at W4 too, uniform W4A8 fell to 28.6 dB (naive) /
-# 30.1 dB (ViDiT-Q), and balancing no longer won its 3 dB; vidit-w8a8 with it at W8A8 kept
-# 37.6 dB, so the W8 sample plans quantize it by a rule (in DiT the adaLN linears are a
-# quarter of the weights).
+# table, 64 images): the adaLN linear at W4 costs uniform W4A8 0.2 dB (naive) to 0.6 dB
+# (ViDiT-Q), at W8A8 nothing measurable (vidit-w8a8 37.56 dB either way), so the W8 sample
+# plans quantize it by a rule (in DiT the adaLN linears are a quarter of the weights).
 DEFAULT_FP = {
     "pixart": [r"transformer\.pos_embed\..*", r"transformer\.adaln_single\..*",
                r"transformer\.caption_projection\..*", r"transformer\.proj_out"],
