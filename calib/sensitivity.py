@@ -322,7 +322,7 @@ def measure_sensitivity(denoiser, techniques: dict[str, Any] | None = None, targ
            "items": items, "steps": steps, "guidance": guidance, "scheduler": spec.scheduler,
            "n_calib": n_calib, "candidates": [p.to_json() for p in cands], "target": target,
            "techniques": techniques, "content_rules": list(content_rules),
-           "per_timestep": per_timestep, "noise_seed": CALIB_SEED,
+           "per_timestep": per_timestep, "noise_seed": CALIB_SEED, "layers": layers,
            "stats": None if stats is None else stats.meta.get("key")}
     key = sensitivity_key(doc)
     path = Path(cache or cache_dir()) / "sensitivity" / f"{spec.name}-{key[:24]}.json"

@@ -64,7 +64,7 @@ def test_quantized_alone_swaps_one_layer_and_restores_the_fp_model(pixart_tiny, 
     assert not torch.equal(q_out, fp_out)
 
 
-def test_measure_sensitivity_on_pixart_tiny_is_cached_and_per_group(pixart_tiny, cache_dir):
+def test_measure_sensitivity_on_pixart_tiny_is_cached_and_per_group(pixart_tiny, cache_dir, monkeypatch):
     from effgen.calib.sensitivity import allocatable_layers, measure_sensitivity
 
     d = pixart_tiny
@@ -97,6 +97,13 @@ def test_measure_sensitivity_on_pixart_tiny_is_cached_and_per_group(pixart_tiny,
     other = measure_sensitivity(d, {"timestep_grouping": {"k": 1}}, "trt",
                                 **{**kw, "per_timestep": False})
     assert other.meta["key"] != sens.meta["key"] and other.group_loss is None
+    # another set of allocatable layers is another measurement, not a stale cache entry
+    import effgen.calib.sensitivity as S
+
+    fewer = sens.layers[:-1]
+    monkeypatch.setattr(S, "allocatable_layers", lambda _d: fewer)
+    subset = measure_sensitivity(d, tech, "trt", **kw)
+    assert subset.layers == fewer and subset.meta["key"] != sens.meta["key"]
 
 
 def _average_weight_bits(denoiser, plan):
