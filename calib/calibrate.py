@@ -47,9 +47,8 @@ from .timesteps import group_by_tolerance, group_fixed, groups_to_ranges
 # Layers that stay floating point unless a plan's rules or layers say otherwise: patch
 # embedders, timestep/caption embedders, the adaLN modulation linears (per-sample
 # conditioning, not per-token work) and the final layer. Measured on pixart-ref (quality
-# table, 64 images): the adaLN linear at W4 costs uniform W4A8 0.2 dB (naive) to 0.6 dB
-# (ViDiT-Q), at W8A8 nothing measurable (vidit-w8a8 37.56 dB either way), so the W8 sample
-# plans quantize it by a rule (in DiT the adaLN linears are a quarter of the weights).
+# tables, 64 images): the adaLN linears at W8A8 cost vidit-w8a8 0.4 dB on pixart-ref and
+# 3.2 dB on dit-ref (one per block, a quarter of its weights); at W4 0.2-0.6 dB on pixart-ref.
 DEFAULT_FP = {
     "pixart": [r"transformer\.pos_embed\..*", r"transformer\.adaln_single\..*",
                r"transformer\.caption_projection\..*", r"transformer\.proj_out"],
