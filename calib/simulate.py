@@ -21,9 +21,8 @@ from .balance import hadamard, rotate_weight, rotated_layers, smooth_weight
 from .bos import TOKEN_AXIS, first_token_layers
 from .plan import LayerPrecision, Plan
 from .quantizers import fake_quant_per_tensor, fake_quant_per_token, quantize_weight
-from .targets import int4_block_size
 from .stats import in_features, module_kind, quantizable_modules
-from .targets import effective_precision
+from .targets import effective_precision, int4_block_size
 from .timesteps import group_index
 
 _ATTR = "_effgen_sim_context"

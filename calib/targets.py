@@ -40,8 +40,8 @@ def effective_precision(prec: LayerPrecision, kind: str, target: str) -> LayerPr
       static per-tensor scale per timestep group.
     - ONNX Runtime CPU: a W4 Linear with quantized activations becomes
       DQ(int4, block) -> MatMulNBits with accuracy_level 4, which quantizes its input to int8
-      dynamically per row inside the op: simulated as per-token dynamic A8 (the op's
-      per-K-block scales are finer, so the simulation is slightly pessimistic). W8 layers
+      dynamically per row in blocks of the weight's K block, inside the op: simulated so
+      (per token, per K block; see int4_block_size). W8 layers
       with quantized activations are U8S8 QDQ (MatMulIntegerToFloat / QGemm) with the
       weights on a 7-bit grid (W7: int8 storage, |q| <= 64), per-token activations lowered to
       static per-tensor per group. MLAS's U8S8 kernel on AVX2 without VNNI sums pairs of

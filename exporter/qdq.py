@@ -308,8 +308,6 @@ def rotate_weight(layer: Layer, h: np.ndarray) -> None:
     _set_weight(layer, rotated, "_rotated")
 
 
-
-
 def quantize_weight(layer: Layer, bits: int, granularity: str, w_scale) -> None:
     """Replace the FP weight by an int8 (per output channel) or int4 (blockwise along K)
     initializer and a DequantizeLinear, with the scales as given (the scales file's
