@@ -47,8 +47,9 @@ def effective_precision(prec: LayerPrecision, kind: str, target: str) -> LayerPr
       static per-tensor per group. MLAS's U8S8 kernel on AVX2 without VNNI sums pairs of
       u8 x s8 products in int16, which full-range int8 weights overflow (255 * 127 * 2 >
       32767); 7-bit weights cannot (255 * 64 * 2 = 32640): ONNX Runtime's own `reduce_range`
-      fix. Measured on this machine's AVX2 cores: a 2048x1152x4608 GEMM runs 173-191 ms in
-      U8S8 against 294 ms in the exact U8U8 kernel (443 ms FP32). A W8 layer with FP
+      fix. Measured once (a standalone ORT microbenchmark, one thread, AVX2; numbers in
+      issue 5's note): a 2048x1152x4608 GEMM ran 173-208 ms in U8S8 against 281-294 ms in
+      the exact U8U8 kernel (408-443 ms FP32); samples/bench_table.py measures whole models. A W8 layer with FP
       activations (W8A16, e.g. from `effgen plan` for TensorRT) runs FP: ONNX Runtime CPU has
       no fused weight-only int8 GEMM, and an unfused DQ -> MatMul is slower than FP32.
     """
