@@ -54,7 +54,7 @@ def _precision(obj: Any, where: str, base: LayerPrecision | None = None) -> Laye
     if not isinstance(obj, dict):
         raise PlanError(f"{where}: expected an object with w_bits/a_bits, got {obj!r}")
     known = {f.name for f in dataclasses.fields(LayerPrecision)}
-    extra = set(obj) - known - {"match"}
+    extra = set(obj) - known - {"match", "optional"}
     if extra:
         raise PlanError(f"{where}: unknown key '{sorted(extra)[0]}' (allowed: {', '.join(sorted(known))})")
     merged = {**dataclasses.asdict(base or LayerPrecision()), **{k: obj[k] for k in known & set(obj)}}
@@ -139,7 +139,9 @@ def resolve_plan(raw: dict[str, Any], modules: Iterable[str], default_fp: Iterab
 
     Precedence, lowest first: `default` for every module; the model family's `default_fp`
     patterns (embedders, final layer); `rules` in order (the last matching rule wins);
-    `fp_layers`; explicit `layers` entries.
+    `fp_layers`; explicit `layers` entries. A rule (like every other pattern) must match
+    some module, which catches typos, unless it says `"optional": true`: a rule for one
+    model family in a plan written for several (PixArt's `adaln_single.linear`).
     """
     if not isinstance(raw, dict):
         raise PlanError("a plan must be a JSON object")
@@ -162,8 +164,11 @@ def resolve_plan(raw: dict[str, Any], modules: Iterable[str], default_fp: Iterab
         if not isinstance(rule, dict) or "match" not in rule:
             raise PlanError(f"{where}: each rule needs a 'match' regular expression")
         rx = _regex(rule["match"], f"{where}.match")
+        optional = rule.get("optional", False)
+        if not isinstance(optional, bool):
+            raise PlanError(f"{where}.optional: expected true or false, got {optional!r}")
         hits = [m for m in modules if rx.search(m)]
-        if not hits:
+        if not hits and not optional:
             raise _unknown_module(rule["match"], modules, f"{where}.match")
         precision = _precision(rule, where, default)
         layers.update({m: precision for m in hits})

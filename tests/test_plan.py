@@ -36,6 +36,16 @@ def test_rules_fp_layers_and_explicit_layers_resolve_in_order():
     assert again.layers == p.layers  # the resolved form round-trips
 
 
+def test_an_optional_rule_may_match_nothing_and_still_applies_where_it_matches():
+    """One plan for several families: a rule for PixArt's adaln_single resolves on DiT too."""
+    rules = [{"match": r"adaln_single\.linear$", "w_bits": 8, "optional": True},
+             {"match": r"\.ff\.net\.2$", "w_bits": 4, "w_granularity": "block32", "optional": True}]
+    p = resolve_plan(plan(default={"w_bits": 8, "a_bits": 8}, rules=rules), MODULES, DEFAULT_FP)
+    assert p.layers["transformer.transformer_blocks.0.ff.net.2"] == LayerPrecision(4, 8, "block32")
+    assert p.layers["transformer.transformer_blocks.0.attn1.to_q"] == LayerPrecision(8, 8)
+    assert resolve_plan(p.to_json(), MODULES, DEFAULT_FP).layers == p.layers
+
+
 @pytest.mark.parametrize("raw, message", [
     (plan(layers={"transformer.transformer_blocks.0.attn1.to_qq": {}}),
      "layers: 'transformer.transformer_blocks.0.attn1.to_qq' is not a quantizable module of this "
@@ -44,6 +54,7 @@ def test_rules_fp_layers_and_explicit_layers_resolve_in_order():
     (plan(rules=[{"match": "ff", "a_bits": 2}]), "rules[0].a_bits: 2 is not an allowed bit width"),
     (plan(rules=[{"match": "nothing_here"}]), "rules[0].match: 'nothing_here' is not a quantizable module"),
     (plan(rules=[{"match": "("}]), "rules[0].match: invalid regular expression"),
+    (plan(rules=[{"match": "ff", "optional": "yes"}]), "rules[0].optional: expected true or false"),
     (plan(default={"w_granularity": "block48"}), "default.w_granularity: 'block48' is not one of"),
     (plan(timestep_groups=[[0, 600], [500, 999]]), "timestep_groups: [0, 600] and [500, 999] overlap"),
     (plan(timestep_groups=[[0, 400], [500, 999]]), "timestep_groups: timesteps 401..499 are in no group"),
