@@ -109,10 +109,20 @@ def cmd_verify(args) -> int:
 def cmd_bench(args) -> int:
     from .runtime.bench import bench_bundle
 
+    if args.profile and args.backend != "ort":
+        raise SystemExit("effgen bench: --profile needs --backend ort (ONNX Runtime's profiler)")
     result = bench_bundle(args.bundle, steps=args.steps, images=args.images,
-                          repeat=args.repeat, threads=args.threads, backend=args.backend)
+                          repeat=args.repeat, threads=args.threads, backend=args.backend,
+                          profile=args.profile)
     for k, v in result.items():
-        print(f"{k:>20}: {v}")
+        if k != "op_ms":
+            print(f"{k:>20}: {v}")
+    if "op_ms" in result:
+        total = sum(result["op_ms"].values())
+        print(f"denoiser call by operator type (ONNX Runtime profiler, {total:.1f} ms of kernels):")
+        for op, ms in result["op_ms"].items():
+            if ms >= 0.005 * total:
+                print(f"{op:>28}: {ms:10.1f} ms {100 * ms / total:5.1f}%")
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
         print(f"wrote {args.json}")
@@ -507,6 +517,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--threads", type=int, default=0)
     b.add_argument("--backend", default="ort", choices=list(BACKENDS),
                    help="ort: ONNX Runtime CPU; trt: the bundle's TensorRT engines")
+    b.add_argument("--profile", action="store_true",
+                   help="also time one denoiser call by operator type with ONNX Runtime's "
+                   "profiler (where the time goes: integer GEMMs, float attention, Q/DQ)")
     b.add_argument("--json", type=Path, default=None, help="also write the results here")
     b.set_defaults(func=cmd_bench)
 

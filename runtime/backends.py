@@ -107,7 +107,7 @@ class OrtComponent:
 
     def __init__(self, bundle: Bundle, name: str, threads: int = 0,
                  providers: list[str] | None = None, share_weights: bool | None = None,
-                 optimize: bool = True):
+                 optimize: bool = True, profile_prefix: str | None = None):
         import onnxruntime as ort
 
         entry = read_component_io(self, bundle, name)
@@ -117,6 +117,9 @@ class OrtComponent:
             opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
+        if profile_prefix:  # ONNX Runtime's profiler: one JSON trace per session (end_profiling)
+            opts.enable_profiling = True
+            opts.profile_file_prefix = profile_prefix
         providers = providers or ["CPUExecutionProvider"]
         quant = entry.get("quantization") or {}
         if quant.get("target") in ("trt", "trt-orin"):

@@ -3,10 +3,13 @@ ratios between bundles (FP vs quantized) are meaningful when measured in one run
 
 from __future__ import annotations
 
+import json
 import resource
 import statistics
 import sys
+import tempfile
 import time
+from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
@@ -43,8 +46,39 @@ def _example_conditioning(pipe: DenoisePipeline, n: int):
                                                                    dtype=np.float32)}}
 
 
+def op_times(trace: str | Path) -> dict[str, float]:
+    """Kernel milliseconds per operator type in one ONNX Runtime profiler trace, summed over
+    every run after the first (the warm-up), divided by the number of those runs."""
+    events = json.loads(Path(trace).read_text())
+    runs = sorted((e["ts"], e["ts"] + e["dur"]) for e in events
+                  if e.get("cat") == "Session" and e.get("name") == "model_run")
+    if len(runs) < 2:
+        raise ValueError(f"{trace}: profile a warm-up run and at least one more")
+    timed = runs[1:]
+    total: dict[str, float] = defaultdict(float)
+    for e in events:
+        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time") and e["ts"] >= timed[0][0]:
+            total[e["args"]["op_name"]] += e["dur"] / 1e3
+    return {op: round(ms / len(timed), 3) for op, ms in sorted(total.items(), key=lambda kv: -kv[1])}
+
+
+def profile_denoiser(bundle: Bundle, feeds: dict[str, np.ndarray], timestep: float,
+                     threads: int = 0, repeat: int = 1) -> dict[str, float]:
+    """Milliseconds per denoiser call by operator type, as ONNX Runtime's CPU provider runs
+    the bundle's graph (after its fusions: an int8 layer shows as MatMulIntegerToFloat, an
+    FP one as Gemm/MatMul). Where a quantized model's time goes next to its FP32 baseline."""
+    from .backends import OrtComponent, variant_index
+
+    with tempfile.TemporaryDirectory() as tmp:
+        comp = OrtComponent(bundle, "denoiser", threads, profile_prefix=str(Path(tmp) / "ort"))
+        for _ in range(1 + repeat):
+            comp.run(feeds, timestep)
+        trace = comp.sessions[variant_index(comp.variants, timestep)].end_profiling()
+        return op_times(trace)
+
+
 def bench_bundle(path: str | Path, steps: int | None = None, images: int = 2, repeat: int = 10,
-                 threads: int = 0, backend: str = "ort") -> dict:
+                 threads: int = 0, backend: str = "ort", profile: bool = False) -> dict:
     bundle = Bundle.load(path)
     pipe = DenoisePipeline(bundle, backend=backend, threads=threads)
     steps = steps or bundle.manifest["sampling"]["steps"]
@@ -72,7 +106,7 @@ def bench_bundle(path: str | Path, steps: int | None = None, images: int = 2, re
         pipe.generate(num_images=1, seed=i, steps=steps, output=output,
                       **_example_conditioning(pipe, 1))
         image_ms.append((time.perf_counter() - t0) * 1e3)
-    return {
+    result = {
         "bundle": str(path), "model": m["name"], "backend": backend, "threads": threads,
         "batch": b, "steps": steps,
         "step_ms": round(statistics.median(step_ms), 3),
@@ -80,3 +114,7 @@ def bench_bundle(path: str | Path, steps: int | None = None, images: int = 2, re
         "peak_mb": round(peak_rss_mb(), 1),
         "weight_bytes": weight_bytes(bundle),
     }
+    if profile:  # after the memory reading: the profiled sessions are extra
+        del pipe
+        result["op_ms"] = profile_denoiser(bundle, feeds, 500.0, threads)
+    return result

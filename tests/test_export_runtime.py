@@ -108,13 +108,18 @@ def test_generate_cli_writes_pngs(tiny_bundles, tmp_path, family, capsys):
     assert "grid" in capsys.readouterr().out
 
 
-def test_bench_writes_json(tiny_bundles, tmp_path):
+def test_bench_writes_json(tiny_bundles, tmp_path, capsys):
     from effgen.cli import main
 
     out = tmp_path / "bench.json"
     assert main(["bench", str(tiny_bundles["dit-tiny"]), "--repeat", "2", "--images", "1",
-                 "--steps", "2", "--json", str(out)]) == 0
+                 "--steps", "2", "--profile", "--json", str(out)]) == 0
     result = json.loads(out.read_text())
+    # --profile: kernel time per operator type of one call, from ONNX Runtime's profiler
+    ops = result["op_ms"]
+    assert {"Gemm", "MatMul"} & set(ops) and all(ms >= 0 for ms in ops.values())
+    assert list(ops.values()) == sorted(ops.values(), reverse=True)
+    assert "by operator type" in capsys.readouterr().out
     assert result["step_ms"] > 0 and result["image_ms"] > result["step_ms"]
     assert result["weight_bytes"] == sum(
         (tiny_bundles["dit-tiny"] / f).stat().st_size for f in
