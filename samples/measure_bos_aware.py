@@ -29,7 +29,7 @@ def sqnr_db(ref: torch.Tensor, out: torch.Tensor) -> float:
 def plans() -> dict[str, dict]:
     w8a8 = json.loads((PLANS / "w8a8.json").read_text())
     caption = copy.deepcopy(w8a8)  # caption_projection quantized too: its input holds [CLS]
-    caption["rules"] = [{"match": r"caption_projection", "w_bits": 8, "a_bits": 8}]
+    caption["rules"] = [*w8a8.get("rules", []), {"match": r"caption_projection", "w_bits": 8, "a_bits": 8}]
     return {"w8a8": w8a8, "w8a8 + caption_projection": caption,
             "mp_w4a8": json.loads((PLANS / "mp_w4a8.json").read_text())}
 
