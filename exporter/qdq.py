@@ -19,9 +19,7 @@ small and usable alone:
     split_first_token  (BOS-aware layers, calib/bos.py) token 0 of the input through its own
                        MatMul without activation Q/DQ, tokens 1.. through the layer (and its
                        Q/DQ), Concat along the token axis
-    gemm_split_bias    (ort-cpu, int8) Gemm(A, B, C) -> Gemm(A, B) + Add(C): ONNX Runtime's
-                       CPU provider fuses DQ->Gemm into QGemm only without a float bias
-    gemm_to_matmul     (int4 on any target; FP weight with int8 activations on ort-cpu)
+    gemm_to_matmul     (int4 on any target; every quantized Gemm on ort-cpu)
                        Gemm -> MatMul([K, N]) + Add: DQ(int4)->MatMul (+ 1-D bias) becomes
                        MatMulNBits; TensorRT blocks INT4 on axis 0 of a [K, N] weight
     bias_to_2d         (int8) the bias Add after a quantized MatMul gets a [1, N] bias:
@@ -32,10 +30,19 @@ small and usable alone:
                        1-D bias: MatMulNBits takes it; a [1, N] bias on a 2-D input makes
                        MatMulAddFusion build a Gemm that stays unfused.)
 
+    timestep_group_index  (ort-cpu) the call's timestep group, computed from the graph's
+                       timestep input
+    integer_matmuls    (ort-cpu) Q -> DQ -> MatMul <- DQ(W) [+ bias] becomes Q(scale of the
+                       call's group) -> MatMulInteger -> Cast -> Mul(scale x weight scale)
+                       [+ 1-D bias]: one graph for every timestep group, which ONNX Runtime
+                       fuses into MatMulIntegerToFloat with the bias
+
 `lower(model, plan, scales, target)` runs them for every layer the plan quantizes, with the
 effective precision of the target (`calib.targets.effective_precision`), and
-`write_variants` writes one graph per timestep group that all point at one external weight
-file. `check_model` verifies a graph against a target's rules and names each violating node.
+`write_variants` writes one graph per timestep group (TensorRT: Q/DQ scales are build-time
+constants) or one graph for all groups (ONNX Runtime CPU, `scales_in_graph`: one session,
+weights pre-packed once), pointing at one external weight file. `check_model` verifies a
+graph against a target's rules and names each violating node.
 """
 
 from __future__ import annotations
@@ -191,6 +198,11 @@ def quantized_layers(model_or_graph) -> dict[str, str]:
     comes through a DequantizeLinear (what a graph really quantizes)."""
     graph = _as_graph(model_or_graph)
     out = {}
+    for node in graph.nodes:  # ort-cpu's integer form (integer_matmuls): always W8A8
+        if node.op == "MatMulInteger" and node.name and isinstance(node.inputs[1], _gs().Constant):
+            m = node_module(node.name)
+            if not m.endswith(f".{FIRST_TOKEN_SCOPE}"):
+                out[m] = "W8A8"
     for m, layers in all_layers(graph).items():
         if m.endswith(f".{FIRST_TOKEN_SCOPE}"):  # the token-0 half of a BOS-aware layer
             continue
@@ -575,25 +587,6 @@ def _check_plain_gemm(node) -> None:
         raise QdqError(f"{node.name}: Gemm with alpha/beta/transA is not supported")
 
 
-def gemm_split_bias(graph, layer: Layer) -> bool:
-    """Gemm(A, B, C) -> Gemm(A, B) + Add(C) (any weight). ONNX Runtime fuses DQ->Gemm into
-    QGemm only without a float bias (measured: with one, the DQs stay and Gemm runs fp32)."""
-    gs = _gs()
-    node = layer.node
-    if node.op != "Gemm" or len(node.inputs) < 3:
-        return False
-    _check_plain_gemm(node)
-    bias = node.inputs[2]
-    y = node.outputs[0]
-    g_out = gs.Variable(f"{layer.module}.gemm_output", dtype=np.float32)
-    del node.inputs[2]
-    node.outputs.clear()
-    node.outputs.append(g_out)
-    graph.nodes.append(gs.Node("Add", f"{layer.scope}/Add",
-                               inputs=[g_out, bias], outputs=[y]))
-    return True
-
-
 def gemm_to_matmul(graph, layer: Layer) -> None:
     """Gemm(A, B, C) -> MatMul(A, B as [K, N]) + Add(C) (FP weight; run before
     quantize_weight): ONNX Runtime fuses DQ(int4)->MatMul (+ a 1-D bias Add) into
@@ -636,6 +629,110 @@ def bias_to_2d(layer: Layer) -> bool:
             add.inputs[i] = _const(f"{layer.module}.bias_1xn", _values(t).reshape(1, -1))
             return True
     return False
+
+
+def timestep_group_index(graph, groups: list[tuple[int, int]], timestep: str = "timestep"):
+    """The int64 scalar index of the timestep group a call is in, computed in the graph from
+    its `timestep` input (every sample of one denoiser call has the same timestep): the
+    number of group starts (groups 1..K-1) that timestep[0] has reached."""
+    gs = _gs()
+    inputs = {t.name: t for t in graph.inputs}
+    if timestep not in inputs:
+        raise QdqError(f"the graph has no '{timestep}' input to choose a timestep group by")
+    t = inputs[timestep]
+    names = ["t0", "t0_float", "reached", "reached_int", "index"]
+    v = {n: gs.Variable(f"timestep_group/{n}", dtype=np.int64 if n in ("reached_int", "index")
+                        else np.bool_ if n == "reached" else np.float32) for n in names}
+    starts = np.array([lo for lo, _ in groups[1:]], np.float32)
+    add = graph.nodes.append
+    add(gs.Node("Gather", "timestep_group/Gather", attrs={"axis": 0},
+                inputs=[t, _const("timestep_group.first", np.array(0, np.int64))], outputs=[v["t0"]]))
+    add(gs.Node("Cast", "timestep_group/Cast", attrs={"to": TensorProto.FLOAT},
+                inputs=[v["t0"]], outputs=[v["t0_float"]]))
+    add(gs.Node("GreaterOrEqual", "timestep_group/GreaterOrEqual",
+                inputs=[v["t0_float"], _const("timestep_group.starts", starts)], outputs=[v["reached"]]))
+    add(gs.Node("Cast", "timestep_group/Cast_1", attrs={"to": TensorProto.INT64},
+                inputs=[v["reached"]], outputs=[v["reached_int"]]))
+    add(gs.Node("ReduceSum", "timestep_group/ReduceSum", attrs={"keepdims": 0},
+                inputs=[v["reached_int"]], outputs=[v["index"]]))
+    return v["index"]
+
+
+def integer_matmuls(graph, scale_tables: Mapping[str, np.ndarray], group_index) -> int:
+    """(ort-cpu) Every timestep group in one graph. Each int8 layer
+
+        x -> QuantizeLinear(s) -> DequantizeLinear -> MatMul <- DequantizeLinear(W, ws)  [-> Add(b)]
+
+    becomes
+
+        x -> QuantizeLinear(s_g) -> MatMulInteger(W) -> Cast -> Mul(s_g * ws)  [-> Add(b)]
+
+    with s_g = Gather(the layer's activation scale per group, `group_index`): numerically the
+    QDQ graph of group g (the same integer product, scaled once). `scale_tables`: the name of
+    each activation-scale initializer -> its (K,) scales. Standard ONNX that ONNX Runtime
+    fuses, bias included, into one MatMulIntegerToFloat (its MatMulIntegerToFloatFusion; it
+    needs the scale product as a Mul node, which a run-time s_g keeps from being folded), and
+    one session serves every group with pre-packed weights. Returns how many layers."""
+    gs = _gs()
+    selected: dict[int, Any] = {}  # id(QuantizeLinear) -> its scale for this call
+    n = 0
+    for node in list(graph.nodes):
+        if node.op != "MatMul" or len(node.inputs) != 2:
+            continue
+        x, w = node.inputs
+        dq_x = x.inputs[0] if len(x.inputs) == 1 else None
+        dq_w = w.inputs[0] if len(w.inputs) == 1 else None
+        if dq_x is None or dq_w is None or dq_x.op != "DequantizeLinear" or dq_w.op != "DequantizeLinear":
+            continue
+        if not isinstance(dq_w.inputs[0], gs.Constant) or _dtype_of(dq_w.inputs[0]) != TensorProto.INT8:
+            continue
+        xq = dq_x.inputs[0]
+        q = xq.inputs[0] if len(xq.inputs) == 1 else None
+        if q is None or q.op != "QuantizeLinear":
+            continue
+        if id(q) not in selected:
+            name = q.inputs[1].name
+            if name not in scale_tables:
+                raise QdqError(f"{node.name}: no per-group scales for its activation scale {name}")
+            s_g = gs.Variable(f"{name}_of_group", dtype=np.float32, shape=[])
+            graph.nodes.append(gs.Node("Gather", f"{q.name.rsplit('/', 1)[0]}/Gather", attrs={"axis": 0},
+                                       inputs=[_const(f"{name}_by_group", np.asarray(scale_tables[name], np.float32)),
+                                               group_index], outputs=[s_g]))
+            q.inputs[1] = s_g
+            selected[id(q)] = s_g
+        s_g = selected[id(q)]
+        wq, w_scale, w_zp = dq_w.inputs[:3]
+        if int(dq_w.attrs.get("axis", 1)) != 1 or len(w_scale.shape) != 1:
+            raise QdqError(f"{node.name}: an int8 MatMul weight must be per output channel (axis 1)")
+        scope, m = node.name.rsplit("/", 1)[0], node_module(node.name)
+        acc = gs.Variable(f"{m}.accumulator", dtype=np.int32)
+        acc_f = gs.Variable(f"{m}.accumulator_float", dtype=np.float32)
+        scale = gs.Variable(f"{m}.output_scale", dtype=np.float32)
+        y = node.outputs[0]
+        add, bias = None, None
+        if len(y.outputs) == 1 and y.outputs[0].op == "Add" and y not in graph.outputs:
+            add = y.outputs[0]
+            consts = [t for t in add.inputs if isinstance(t, gs.Constant)]
+            if len(consts) == 1 and _values(consts[0]).size == int(w_scale.shape[0]) \
+                    and all(d == 1 for d in consts[0].shape[:-1]):
+                bias = _const(f"{m}.bias", _values(consts[0]).reshape(-1).astype(np.float32))
+            else:
+                add = None
+        out = add.outputs[0] if add is not None else y
+        scaled = gs.Variable(f"{m}.scaled_output", dtype=np.float32) if add is not None else out
+        node.outputs.clear()
+        if add is not None:
+            add.outputs.clear()
+        nodes = [gs.Node("MatMulInteger", f"{scope}/MatMulInteger", inputs=[xq, wq, q.inputs[2], w_zp],
+                         outputs=[acc]),
+                 gs.Node("Cast", f"{scope}/Cast", attrs={"to": TensorProto.FLOAT}, inputs=[acc], outputs=[acc_f]),
+                 gs.Node("Mul", f"{scope}/scale/Mul", inputs=[s_g, w_scale], outputs=[scale]),
+                 gs.Node("Mul", f"{scope}/Mul", inputs=[acc_f, scale], outputs=[scaled])]
+        if add is not None:  # the bias second and 1-D: what the fusion takes as the bias
+            nodes.append(gs.Node("Add", f"{scope}/Add", inputs=[scaled, bias], outputs=[out]))
+        graph.nodes.extend(nodes)
+        n += 1
+    return n
 
 
 # --- the whole lowering ------------------------------------------------------------------
@@ -708,11 +805,21 @@ def default_int8_format(target: str) -> str:
     return "u8s8" if target == "ort-cpu" else "s8s8"
 
 
+def scales_in_graph(target: str) -> bool:
+    """Whether a target's graph carries the activation scales of every timestep group and
+    picks them by its timestep input (ONNX Runtime CPU: one session for all groups, weights
+    pre-packed once), rather than one graph per group with constant scales (TensorRT, whose
+    Q/DQ scales must be build-time constants)."""
+    return target == "ort-cpu"
+
+
 def lower(model: onnx.ModelProto, plan: Plan, scales: Mapping[str, Any], target: str,
           group: int = 0, fold_smoothing: bool = True
           ) -> tuple[onnx.ModelProto, dict[str, LayerLowering]]:
     """The FP graph with the plan's quantization for `target`, activation scales of timestep
-    group `group`. Layers the plan keeps FP (or that are FP on the target) are untouched."""
+    group `group` (on a target with `scales_in_graph`: of every group, chosen by the graph's
+    timestep input; `group` is not used). Layers the plan keeps FP (or that are FP on the
+    target) are untouched."""
     gs = _gs()
     int8_format = default_int8_format(target)
     if not 0 <= group < len(plan.timestep_groups):
@@ -727,10 +834,8 @@ def lower(model: onnx.ModelProto, plan: Plan, scales: Mapping[str, Any], target:
     # smoothing folded into a quantized producer scales its final DequantizeLinear.
     for m, (layer, eff) in sorted(todo.items()):
         rep = report[m] = LayerLowering(m, layer.op, plan.layers[m], eff)
-        if layer.op == "Gemm" and (eff.w_bits == 4 or (target == "ort-cpu" and eff.w_bits == 16)):
+        if layer.op == "Gemm" and (eff.w_bits == 4 or target == "ort-cpu"):
             gemm_to_matmul(graph, layer)
-        elif layer.op == "Gemm" and target == "ort-cpu":
-            gemm_split_bias(graph, layer)
         s = _scale(scales, m, "smooth")
         if s is not None:
             smooth_weight(layer, s)
@@ -786,6 +891,16 @@ def lower(model: onnx.ModelProto, plan: Plan, scales: Mapping[str, Any], target:
             rep.input_scale = activation_scale_name(m)
         # per-token A8 exists only as ort-cpu W4 (MatMulNBits quantizes its input itself).
         paths[key] = (m, layer.node.inputs[0], token0)
+    if scales_in_graph(target):
+        tables = {rep.input_scale: np.array([_act_scale(float(a)) for a in _np(scales[f"{m}.a_amax"])],
+                                            np.float32)
+                  for m, rep in report.items() if rep.input_scale is not None and not rep.shares_input_with}
+        if tables:
+            integer_matmuls(graph, tables, timestep_group_index(graph, plan.timestep_groups))
+        left = [n.name for n in graph.nodes if n.op == "QuantizeLinear" and isinstance(n.inputs[1], gs.Constant)]
+        if left:
+            raise QdqError(f"{left[0]}: a quantized activation that is not an int8 MatMul input "
+                           f"cannot take per-group scales on {target}")
     constants_to_initializers(graph)
     graph.cleanup().toposort()
     out = gs.export_onnx(graph)
@@ -835,6 +950,12 @@ def group_activation_scales(plan: Plan, scales: Mapping[str, Any], report: Mappi
     return out
 
 
+def graph_of_group(files: list[str], group: int) -> str:
+    """The graph file of `write_variants` that runs timestep group `group` (the only one where
+    the graph carries every group's scales)."""
+    return files[group] if len(files) > 1 else files[0]
+
+
 def variant_file(name: str, group: int, n_groups: int) -> str:
     return f"{name}.onnx" if n_groups == 1 else f"{name}.g{group}.onnx"
 
@@ -842,19 +963,20 @@ def variant_file(name: str, group: int, n_groups: int) -> str:
 def write_variants(model: onnx.ModelProto, plan: Plan, scales: Mapping[str, Any], target: str,
                    out_dir: Path, name: str, fold_smoothing: bool = True
                    ) -> tuple[list[str], str, dict[str, LayerLowering]]:
-    """One lowered graph per timestep group in `out_dir`, all pointing at ONE external weight
-    file `<name>.weights`, written once with group 0; the other groups' graphs are group 0's
-    with other activation-scale initializers (inline scalars, the only inline initializers)
-    and the same external references (location, offset, length). Returns (graph files,
-    weight file, report)."""
+    """One lowered graph per timestep group in `out_dir` (one graph for all groups on a
+    target with `scales_in_graph`), all pointing at ONE external weight file
+    `<name>.weights`, written once with group 0; the other groups' graphs are group 0's with
+    other activation-scale initializers (inline scalars, the only inline initializers) and
+    the same external references (location, offset, length). Returns (graph files, weight
+    file, report)."""
     out_dir = Path(out_dir)
     weights = f"{name}.weights"
-    k = len(plan.timestep_groups)
+    k = 1 if scales_in_graph(target) else len(plan.timestep_groups)
     lowered, report = lower(model, plan, scales, target, 0, fold_smoothing)
     files = [variant_file(name, g, k) for g in range(k)]
     # Every initializer but the activation scales goes to the shared file (even small
     # biases: inline they would be copied into every variant graph).
-    act = set(group_activation_scales(plan, scales, report, 0))
+    act = set(group_activation_scales(plan, scales, report, 0)) if k > 1 else set()
     keep = [t for t in lowered.graph.initializer if t.name in act]
     rest = [t for t in lowered.graph.initializer if t.name not in act]
     del lowered.graph.initializer[:]
@@ -991,10 +1113,14 @@ def check_model(model: onnx.ModelProto, target: str, base_dir: Path | None = Non
         attrs = {a.name: a for a in n.attribute}
         scale_name = n.input[1] if len(n.input) > 1 else ""
         zp_name = n.input[2] if len(n.input) > 2 else ""
-        if not is_const(scale_name):
-            bad(n, "scale is not a constant initializer")
+        by_group = producers.get(scale_name)
+        per_group = (target == "ort-cpu" and n.op_type == "QuantizeLinear" and by_group is not None
+                     and by_group.op_type == "Gather" and is_const(by_group.input[0]))
+        if not is_const(scale_name) and not per_group:
+            bad(n, "scale is not a constant initializer" + (
+                "" if target != "ort-cpu" else " (or one of a constant per-group table, Gather'ed)"))
             continue
-        s = const_array(scale_name)
+        s = const_array(by_group.input[0] if per_group else scale_name)
         if s is not None and not (np.all(np.isfinite(s)) and np.all(s > 0)):
             bad(n, "scale must be finite and > 0")
         data_name = n.input[0]
@@ -1023,13 +1149,15 @@ def check_model(model: onnx.ModelProto, target: str, base_dir: Path | None = Non
             bad(n, "weight data without a zero point must be INT8 or INT4")
         block = attrs["block_size"].i if "block_size" in attrs else 0
         axis = attrs["axis"].i if "axis" in attrs else 1
-        nscale = 1 if s is None else int(np.size(s))
+        nscale = 1 if s is None or per_group else int(np.size(s))
         if n.op_type == "QuantizeLinear":
             if nscale != 1 and not is_const(data_name):
                 bad(n, f"activation quantized with {nscale} scales: activations must be per tensor")
+            readers = ("DequantizeLinear", "MatMulInteger") if target == "ort-cpu" else ("DequantizeLinear",)
             for c in consumers.get(n.output[0], []):
-                if c.op_type != "DequantizeLinear":
-                    bad(n, f"QuantizeLinear output feeds {c.op_type} {c.name}, not a DequantizeLinear")
+                if c.op_type not in readers:
+                    bad(n, f"QuantizeLinear output feeds {c.op_type} {c.name}, not a "
+                        + " or ".join(readers))
             continue
         # DequantizeLinear
         users = consumers.get(n.output[0], [])
@@ -1100,8 +1228,7 @@ def check_model(model: onnx.ModelProto, target: str, base_dir: Path | None = Non
             if target == "ort-cpu" and gemms and data_type == TensorProto.INT8:
                 q = const_array(data_name)
                 if q is not None and q.size and int(np.abs(q.astype(np.int16)).max()) > 64:
-                    bad(n, "int8 weight beyond +-64: ONNX Runtime's U8S8 kernel overflows its "
-                        "int16 pair sums on AVX2 CPUs without VNNI (ort-cpu weights are 7-bit)")
+                    bad(n, BEYOND_7_BITS)
             if target == "ort-cpu":
                 for c in gemms:
                     x = c.input[0]
@@ -1114,7 +1241,33 @@ def check_model(model: onnx.ModelProto, target: str, base_dir: Path | None = Non
                         if pb is None or pb.op_type != "DequantizeLinear":
                             bad(c, "QDQ Gemm with a float bias does not fuse into QGemm: "
                                 "no bias (Add after it) or an int32 DQ bias")
+    for n in g.node:
+        if n.op_type != "MatMulInteger":
+            continue
+        if target != "ort-cpu":
+            bad(n, "MatMulInteger is the ONNX Runtime CPU form: TensorRT takes Q/DQ around a MatMul")
+            continue
+        a, b = n.input[0], n.input[1]
+        pa = producers.get(a)
+        if pa is None or pa.op_type != "QuantizeLinear":
+            bad(n, "input A is not a QuantizeLinear output")
+        if not is_const(b) or dtype(b) != TensorProto.INT8:
+            bad(n, "input B must be a constant INT8 weight")
+        else:
+            q = const_array(b)
+            if q is not None and q.size and int(np.abs(q.astype(np.int16)).max()) > 64:
+                bad(n, BEYOND_7_BITS)
+        za = n.input[2] if len(n.input) > 2 else ""
+        if not za or not is_const(za) or dtype(za) != TensorProto.UINT8 or np.any(const_array(za) != 128):
+            bad(n, "A zero point must be a constant UINT8 128 (the symmetric int8 grid, shifted)")
+        zb = n.input[3] if len(n.input) > 3 else ""
+        if zb and (not is_const(zb) or np.any(const_array(zb) != 0)):
+            bad(n, "nonzero weight zero point (quantization must be symmetric)")
     return out
+
+
+BEYOND_7_BITS = ("int8 weight beyond +-64: ONNX Runtime's U8S8 kernel overflows its int16 pair "
+                 "sums on AVX2 CPUs without VNNI (ort-cpu weights are 7-bit)")
 
 
 def check_file(path: Path, target: str) -> list[Violation]:
@@ -1163,8 +1316,10 @@ def ort_unfused(path: Path, threads: int = 1) -> list[Violation]:
         return [Violation(str(path.name), "session", f"ONNX Runtime could not create a session: "
                           f"{str(e).splitlines()[0][:300]}")]
     left = {name for op, name in nodes if op == "DequantizeLinear"}
-    return [Violation(name, "DequantizeLinear", "ONNX Runtime did not fuse this weight "
-                      "DequantizeLinear into an integer kernel") for name in sorted(weight_dq & left)]
+    return ([Violation(name, "DequantizeLinear", "ONNX Runtime did not fuse this weight "
+                       "DequantizeLinear into an integer kernel") for name in sorted(weight_dq & left)]
+            + [Violation(name, "MatMulInteger", "ONNX Runtime did not fuse this MatMulInteger and "
+                         "its scaling into MatMulIntegerToFloat") for op, name in nodes if op == "MatMulInteger"])
 
 
 def describe_target_rules(target: str) -> str:

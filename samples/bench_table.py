@@ -16,7 +16,8 @@ Methods (every bundle from the same FP graph, `effgen-export`):
                         per tensor, MatMul/Gemm with constant weights: MatMulConstBOnly)
   ort-matmulnbits-4bit  onnxruntime's MatMulNBitsQuantizer (4-bit, block 32, symmetric,
                         accuracy_level 4) on the FP graph
-  w8a8-variants-1/-4    the w8a8 plan with 1 and 4 timestep groups (variant memory check)
+  w8a8-variants-1/-4    the w8a8 plan with 1 and 4 timestep groups (variant memory check; an
+                        ort-cpu bundle is one graph for all groups, so K only adds scales)
 
 Each bundle is measured in its own subprocess (`effgen bench`'s measurement: median latency of
 one denoiser call at the graph's batch, one whole image, peak RSS of that process), so peak
@@ -264,8 +265,9 @@ def main(argv=None) -> int:
                 q = man["components"]["denoiser"].get("quantization")
                 if q:
                     row["variants"] = len(man["components"]["denoiser"]["variants"])
-                    row["sqnr_vs_simulation_db"] = [v["sqnr_vs_simulation_db"]
-                                                    for v in man["components"]["denoiser"]["variants"]]
+                    row["sqnr_vs_simulation_db"] = [
+                        x for v in man["components"]["denoiser"]["variants"]
+                        for x in v.get("sqnr_vs_simulation_db_by_group", [v["sqnr_vs_simulation_db"]])]
             except Exception as e:  # one failing method must not lose the others' numbers
                 row = {"model": model, "method": method, "error": f"{type(e).__name__}: {e}"}
                 log(f"  {model}/{method}: FAILED {row['error']}")

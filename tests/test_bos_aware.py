@@ -241,7 +241,11 @@ def test_ort_runs_the_bos_aware_bundle_like_the_simulation(tiny, tmp_path, targe
     plan, scales = calibrate(d, w8a8_plan(True, "mse", smoothing), target, stats=stats)
     quant = Quantization(plan, scales, target, "test")
     entry = export_quantized_denoiser(d, quant, 2, d.spec.sample_size, tmp_path, log=lambda _: None)
-    assert len(entry["variants"]) == 2
+    # trt: one graph per timestep group; ort-cpu: one graph, checked in each group
+    if target == "trt":
+        assert len(entry["variants"]) == 2
+    else:
+        assert len(entry["variants"]) == 1 and len(entry["variants"][0]["sqnr_vs_simulation_db_by_group"]) == 2
     # TensorRT graphs run in ORT without graph optimizations: the Q/DQ reference arithmetic is
     # the simulation's, so they agree to float rounding (a token 0 quantized on one side and
     # not on the other is ~50 dB here); ORT CPU's integer kernels get the usual 35 dB.

@@ -250,33 +250,52 @@ def test_activation_qdq_is_per_tensor_int8_with_the_group_scale():
     assert qdq.check_model(out, "trt") == []
 
 
+def with_timestep(graph):
+    """The graph with a `timestep` input (what the denoiser graphs have)."""
+    graph.inputs.append(gs.Variable("timestep", dtype=np.float32, shape=[2]))
+    return graph
+
+
 def test_gemm_and_bias_shaping_fuse_on_ort_cpu(tmp_path):
-    """int8: Gemm -> Gemm without bias + Add (QGemm), MatMul -> [1, N] bias
-    (MatMulIntegerToFloat); int4: Gemm -> MatMul + 1-D bias Add (MatMulNBits)."""
-    cases = [("gemm", 8, "QGemm"), ("matmul", 8, "MatMulIntegerToFloat"), ("gemm", 4, "MatMulNBits"),
-             ("matmul", 4, "MatMulNBits")]
-    for op, bits, fused in cases:
+    """Gemm -> MatMul + Add; int8: Q -> MatMulInteger -> Cast -> Mul (+ 1-D bias), the per-group
+    activation scale picked by the timestep input (MatMulIntegerToFloat with the bias); int4:
+    DQ(int4) -> MatMul + 1-D bias (MatMulNBits)."""
+    starts = [0, 500]  # two timestep groups, activation amax 3.0 and 1.5
+    amax = np.array([3.0, 1.5], np.float32)
+    for op, bits, fused in [("gemm", 8, "MatMulIntegerToFloat"), ("matmul", 8, "MatMulIntegerToFloat"),
+                            ("gemm", 4, "MatMulNBits"), ("matmul", 4, "MatMulNBits")]:
         m, w, b = linear_model(gemm_trans_b=True) if op == "gemm" else linear_model()
         graph, layer = layer_of(m)
+        qdq.gemm_to_matmul(graph, layer)
+        assert layer.op == "MatMul" and layer.weight_shape() == (64, 48)
         if bits == 8:
-            if op == "gemm":
-                assert qdq.gemm_split_bias(graph, layer) and len(layer.node.inputs) == 2
-            qdq.quantize_weight(layer, 7, "per_channel", np.abs(w).max(1) / 63)
-            assert qdq.bias_to_2d(layer) == (op == "matmul")
-            qdq.quantize_activation(graph, layer, 3.0, "u8s8")
+            sc = (np.abs(w).max(1) / 63).astype(np.float32)
+            qdq.quantize_weight(layer, 7, "per_channel", sc)
+            assert qdq.bias_to_2d(layer)
+            qdq.quantize_activation(graph, layer, float(amax[0]), "u8s8")
+            tables = {"blk.lin.input_scale": amax / np.float32(127)}
+            index = qdq.timestep_group_index(with_timestep(graph), [(0, 499), (500, 999)])
+            assert qdq.integer_matmuls(graph, tables, index) == 1
         else:
-            qdq.gemm_to_matmul(graph, layer)
-            assert layer.op == "MatMul" and layer.weight_shape() == (64, 48)
             qdq.quantize_weight(layer, 4, "block32", np.abs(w.reshape(48, 2, 32)).max(2) / 7)
         out = export(graph)
         onnx.save(out, tmp_path / "m.onnx")
         ops = [o for o, _ in qdq.ort_optimized_nodes(tmp_path / "m.onnx")]
-        assert fused in ops and not {"MatMul", "Gemm", "DequantizeLinear"} & set(ops), (op, bits, ops)
+        assert fused in ops and not {"MatMul", "MatMulInteger", "Gemm", "DequantizeLinear", "Add"} & set(ops), \
+            (op, bits, ops)
         assert qdq.check_model(out, "ort-cpu") == [] and qdq.ort_unfused(tmp_path / "m.onnx") == []
         x = RNG.standard_normal(graph.inputs[0].shape).astype(np.float32)
-        ref = x @ w.T + b
-        assert sqnr(ref, run(out, {"x": x})) > (30 if bits == 8 else 15)
-
+        if bits == 4:
+            assert sqnr(x @ w.T + b, run(out, {"x": x})) > 15
+            continue
+        assert qdq.quantized_layers(out) == {"blk.lin": "W8A8"}
+        wq = np.clip(np.round(w / sc[:, None]), -64, 63) * sc[:, None]
+        for t, a in zip(starts, amax):  # each group's scale, exactly the QDQ arithmetic
+            xs = np.float32(a) / np.float32(127)
+            xq = np.clip(np.round(x / xs), -128, 127) * xs
+            feeds = {"x": x, "timestep": np.full(2, t + 7, np.float32)}
+            for optimize in (True, False):  # fused kernel and the graph as written
+                assert np.abs(run(out, feeds, optimize) - (xq @ wq.T + b)).max() < 1e-4
 
 
 def test_ort_cpu_int8_weights_must_stay_on_the_7_bit_grid():
@@ -397,27 +416,50 @@ def test_ort_cpu_lowering_runs_on_integer_kernels(tiny, tmp_path):
     path = tmp_path / "m.onnx"
     onnx.save(lowered, path)
     nodes = qdq.ort_optimized_nodes(path)
-    scopes = {m: l.scope for m, l in qdq.find_layers(gs.import_onnx(lowered), report).items()}
-    by_module: dict[str, set] = {}
-    for m, scope in scopes.items():  # what ORT made of the layer (not of the smoothing Mul)
-        by_module[m] = {op for op, name in nodes if name.startswith(scope + "/")
-                        and not name.startswith((scope + "/smooth/", scope + "/rotate/"))}
     w8 = [m for m, r in report.items() if r.effective.w_bits == 7]  # W8A8 runs W7A8 here
     w4 = [m for m, r in report.items() if r.effective.w_bits == 4]
     assert w8 and w4 and len(w8) + len(w4) == len(report)
-    for m in w8:
-        assert by_module[m] & {"MatMulIntegerToFloat", "QLinearMatMul", "QGemm"}, (m, by_module[m])
-    for m in w4:
-        assert "MatMulNBits" in by_module[m], (m, by_module[m])
-    for m in report:
-        assert not by_module[m] & {"MatMul", "Gemm", "DequantizeLinear"}, (m, by_module[m])
+    # int8: one MatMulInteger per layer in the graph, each fused (bias and scales included)
+    integer = [qdq.node_module(n.name) for n in lowered.graph.node if n.op_type == "MatMulInteger"]
+    assert sorted(integer) == sorted(w8)
+    ops = [op for op, _ in nodes]
+    assert ops.count("MatMulIntegerToFloat") == len(w8) and "MatMulInteger" not in ops
+    # int4: MatMulNBits in the layer's scope, no float MatMul left there
+    for m, layer in qdq.find_layers(gs.import_onnx(lowered), w4).items():
+        found = {op for op, name in nodes if name.startswith(layer.scope + "/")
+                 and not name.startswith((layer.scope + "/smooth/", layer.scope + "/rotate/"))}
+        assert "MatMulNBits" in found and not found & {"MatMul", "Gemm"}, (m, found)
+    assert "DequantizeLinear" not in ops
+    assert qdq.quantized_layers(lowered).keys() == report.keys()
     assert qdq.ort_unfused(path) == []
 
 
-def test_variants_share_one_weight_file(tiny, tmp_path):
+def test_ort_cpu_has_one_graph_for_every_timestep_group(tiny, tmp_path):
+    """ort-cpu: one graph whose int8 layers take their activation scale from a (K,) table by
+    the timestep input's group: one ONNX Runtime session, its weights pre-packed once."""
     d, model, plan, scales = _calibrated(tiny, "dit-tiny", "w8a8.json", "ort-cpu")
     assert len(plan.timestep_groups) == 2
     files, weights, report = qdq.write_variants(model, plan, scales, "ort-cpu", tmp_path, "denoiser")
+    assert files == ["denoiser.onnx"] and qdq.graph_of_group(files, 1) == "denoiser.onnx"
+    g = onnx.load(str(tmp_path / files[0]))
+    inits = {t.name: nh.to_array(t) for t in g.graph.initializer}
+    producers = {o: n for n in g.graph.node for o in n.output}
+    quantizers = [n for n in g.graph.node if n.op_type == "QuantizeLinear"]
+    assert quantizers
+    for q in quantizers:
+        gather = producers[q.input[1]]
+        assert gather.op_type == "Gather" and gather.input[1] == "timestep_group/index"
+        table = inits[gather.input[0]]
+        m = next(m for m, r in report.items() if r.input_scale == gather.input[0][:-len("_by_group")])
+        expected = [np.float32(max(a, 1e-8)) / np.float32(127) for a in scales[f"{m}.a_amax"].tolist()]
+        assert table.shape == (2,) and np.allclose(table, expected, rtol=1e-6)
+    assert qdq.check_model(g, "ort-cpu") == [] and qdq.check_model(g, "trt") != []
+
+
+def test_variants_share_one_weight_file(tiny, tmp_path):
+    d, model, plan, scales = _calibrated(tiny, "dit-tiny", "w8a8.json", "trt")
+    assert len(plan.timestep_groups) == 2
+    files, weights, report = qdq.write_variants(model, plan, scales, "trt", tmp_path, "denoiser")
     assert files == ["denoiser.g0.onnx", "denoiser.g1.onnx"] and weights == "denoiser.weights"
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(files + [weights])
     graphs = [onnx.load(str(tmp_path / f), load_external_data=False) for f in files]
@@ -457,9 +499,9 @@ def test_ort_matches_the_simulation_for_every_sample_plan(tiny, tmp_path):
                 files, _, _ = qdq.write_variants(model, plan, scales, target, out, "denoiser")
                 q = Quantization(plan, scales, target, "test")
                 inputs = d.example_inputs(2, seed=11)
-                for g, f in enumerate(files):
+                for g in range(len(plan.timestep_groups)):
                     results[(name, plan_file, target, g)] = simulation_sqnr(
-                        d, q, out / f, inputs, g, d.input_names, threads=1)
+                        d, q, out / qdq.graph_of_group(files, g), inputs, g, d.input_names, threads=1)
     low = {k: round(v, 1) for k, v in results.items() if not v >= 35}
     assert not low, low
 
@@ -490,9 +532,9 @@ def test_ort_matches_the_simulation_with_the_conditioning_layers_quantized(tiny,
         files, _, report = qdq.write_variants(model, plan, scales, target, out, "denoiser")
         assert set(conditioning) <= set(report)
         q = Quantization(plan, scales, target, "test")
-        for g, f in enumerate(files):
-            got = simulation_sqnr(d, q, out / f, d.example_inputs(2, seed=11), g, d.input_names,
-                                  threads=1)
+        for g in range(len(plan.timestep_groups)):
+            got = simulation_sqnr(d, q, out / qdq.graph_of_group(files, g), d.example_inputs(2, seed=11),
+                                  g, d.input_names, threads=1)
             assert got >= 35, (target, g, got)
         if target == "trt":
             assert qdq.check_model(onnx.load(str(out / files[0])), target) == []
