@@ -1071,7 +1071,10 @@ def check_model(model: onnx.ModelProto, target: str, base_dir: Path | None = Non
     that MLAS's U8S8 kernel sums without overflow; checked where the data is readable); no
     QDQ Conv (CPU Conv runs fp32; a DQ
     Conv only fuses with a quantized output); QDQ Gemm without a float bias; INT4 DQ on axis 0
-    with a power-of-two block >= 16 feeding a MatMul (MatMulNBits).
+    with a power-of-two block >= 16 feeding a MatMul (MatMulNBits); the integer form of
+    `integer_matmuls`: a QuantizeLinear may take its scale from a Gather of a constant
+    per-group table and feed a MatMulInteger, whose weight is constant INT8 on the 7-bit grid,
+    A zero point UINT8 128 and weight zero point 0 (a MatMulInteger is a violation on trt).
     """
     if target not in TARGETS:
         raise QdqError(f"target: {target!r} is not one of {', '.join(TARGETS)}")
@@ -1258,10 +1261,12 @@ def check_model(model: onnx.ModelProto, target: str, base_dir: Path | None = Non
             if q is not None and q.size and int(np.abs(q.astype(np.int16)).max()) > 64:
                 bad(n, BEYOND_7_BITS)
         za = n.input[2] if len(n.input) > 2 else ""
-        if not za or not is_const(za) or dtype(za) != TensorProto.UINT8 or np.any(const_array(za) != 128):
+        z = const_array(za) if za and is_const(za) else None
+        if not za or not is_const(za) or dtype(za) != TensorProto.UINT8 or (z is not None and np.any(z != 128)):
             bad(n, "A zero point must be a constant UINT8 128 (the symmetric int8 grid, shifted)")
         zb = n.input[3] if len(n.input) > 3 else ""
-        if zb and (not is_const(zb) or np.any(const_array(zb) != 0)):
+        z = const_array(zb) if zb and is_const(zb) else None
+        if zb and (not is_const(zb) or (z is not None and np.any(z != 0))):
             bad(n, "nonzero weight zero point (quantization must be symmetric)")
     return out
 

@@ -289,6 +289,11 @@ def test_gemm_and_bias_shaping_fuse_on_ort_cpu(tmp_path):
             assert sqnr(x @ w.T + b, run(out, {"x": x})) > 15
             continue
         assert qdq.quantized_layers(out) == {"blk.lin": "W8A8"}
+        assert [v.op for v in qdq.check_model(out, "trt")].count("MatMulInteger") == 1
+        shifted = copy.deepcopy(out)  # an A zero point off the symmetric grid is named
+        next(t for t in shifted.graph.initializer if t.name == "blk.lin.input_zero_point").CopyFrom(
+            nh.from_array(np.array(127, np.uint8), "blk.lin.input_zero_point"))
+        assert any(v.op == "MatMulInteger" and "128" in v.rule for v in qdq.check_model(shifted, "ort-cpu"))
         wq = np.clip(np.round(w / sc[:, None]), -64, 63) * sc[:, None]
         for t, a in zip(starts, amax):  # each group's scale, exactly the QDQ arithmetic
             xs = np.float32(a) / np.float32(127)
