@@ -9,9 +9,9 @@ weights, one sampler step, no VAE; ~2.4 GB of FP32 ONNX, needs ~6 GB of memory a
 
 Methods (every bundle from the same FP graph, `effgen-export`):
   fp32                  the FP export
-  w8a8                  samples/plans/w8a8.json lowered for ort-cpu (2 timestep groups)
-  w4a8-mp               samples/plans/mp_w4a8_rules.json for ort-cpu (W4 block-32 FFN/out-proj as
-                        DQ(int4)->MatMulNBits, q/k/v W8A8)
+  w8a8                  samples/plans/w8a8.json lowered for ort-cpu (2 timestep groups, one graph)
+  w4a8-mp               samples/plans/mp_w4a8_rules.json for ort-cpu (W4 block 64 as
+                        DQ(int4)->MatMulNBits; self-attention v/out and PixArt's adaln_single W8A8)
   ort-dynamic-int8      onnxruntime.quantization.quantize_dynamic on the FP graph (S8 weights,
                         per tensor, MatMul/Gemm with constant weights: MatMulConstBOnly)
   ort-matmulnbits-4bit  onnxruntime's MatMulNBitsQuantizer (4-bit, block 32, symmetric,
