@@ -544,6 +544,33 @@ def test_ort_matches_the_simulation_with_the_conditioning_layers_quantized(tiny,
         if target == "trt":
             assert qdq.check_model(onnx.load(str(out / files[0])), target) == []
 
+def test_export_cli_ort_cpu_bundle_is_one_graph_that_generates_and_checks(
+        tiny_checkpoints, tmp_path, monkeypatch, capsys):
+    """--target ort-cpu: one denoiser graph for both timestep groups, each group checked
+    against the simulation, `effgen check` (rules + what ONNX Runtime fuses) clean, and the
+    bundle generates."""
+    from effgen.cli import main as effgen
+    from effgen.exporter.cli import main as export
+    from effgen.runtime.bundle import Bundle
+
+    monkeypatch.setenv("EFFGEN_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "bundle"
+    assert export(["dit-tiny", "--checkpoint", str(tiny_checkpoints["dit-tiny"]), "--plan",
+                   str(PLANS / "w8a8.json"), "--target", "ort-cpu", "--out", str(out),
+                   "--n-calib", "4", "--calib-steps", "4"]) == 0
+    den = Bundle.load(out).component("denoiser")
+    (variant,) = den["variants"]
+    assert variant["onnx"] == "denoiser.onnx" and variant["timesteps"] == [0, 999]
+    by_group = variant["sqnr_vs_simulation_db_by_group"]
+    assert len(by_group) == len(den["quantization"]["timestep_groups"]) == 2
+    assert all(v == "inf" or v >= 35 for v in by_group)
+    capsys.readouterr()
+    assert effgen(["check", str(out)]) == 0 and "ok: 1 graph(s)" in capsys.readouterr().out
+    assert effgen(["generate", str(out), "--class-label", "3", "--steps", "3",
+                   "--out", str(tmp_path / "img")]) == 0
+    assert (tmp_path / "img" / "000.png").is_file()
+
+
 def test_export_cli_with_plan_makes_a_bundle_that_generates_checks_and_compares(
         tiny_checkpoints, tmp_path, monkeypatch, capsys):
     from effgen.cli import main as effgen
