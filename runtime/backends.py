@@ -86,8 +86,9 @@ class OrtComponent:
 
     An ort-cpu quantized denoiser is one graph for every timestep group (it picks the
     group's activation scales itself: one session, weights pre-packed once; measured on
-    pixart-alpha-512 W8A8, 2 groups: 15.3 s per step pre-packed in 2 sessions and 2.1 GB
-    peak, against 17.0 s and 1.45 GB with shared, un-packed weights). Several variants are
+    pixart-alpha-512 W8A8, 2 groups, 2 threads: 12.0-13.2 s per step and 1.39 GB peak as one
+    graph, against 15.3 s and 2.1 GB as two pre-packed sessions and 17.0 s and 1.45 GB as two
+    sessions sharing un-packed weights). Several variants are
     what TensorRT-target bundles (one graph per group) and ECAR's per-stage graphs bring here.
     A component with several variants whose graphs share one weight file
     creates its sessions with shared initializers (`share_weights`, default on for K > 1 on
