@@ -22,7 +22,8 @@ small and usable alone:
     gemm_to_matmul     (int4 on any target; every quantized Gemm on ort-cpu)
                        Gemm -> MatMul([K, N]) + Add: DQ(int4)->MatMul (+ 1-D bias) becomes
                        MatMulNBits; TensorRT blocks INT4 on axis 0 of a [K, N] weight
-    bias_to_2d         (int8) the bias Add after a quantized MatMul gets a [1, N] bias:
+    bias_to_2d         (int8 Q/DQ graphs: TensorRT's, which ONNX Runtime opens too) the bias
+                       Add after a quantized MatMul gets a [1, N] bias:
                        ONNX Runtime 1.32's MatMulAddFusion turns MatMul + Add([N]) on a 3-D
                        input into Reshape/Gemm and breaks the S8 QuantizeLinear it moves
                        (session creation fails); a [1, N] bias is left alone and the QDQ
@@ -850,7 +851,9 @@ def lower(model: onnx.ModelProto, plan: Plan, scales: Mapping[str, Any], target:
             if w_scale is None:
                 raise QdqError(f"scales: no {m}.w_scale for a {eff.w_bits}-bit weight")
             quantize_weight(layer, eff.w_bits, eff.w_granularity, w_scale)
-        if eff.w_bits in (7, 8):  # ORT must open every target's graph (trt bundles run on ORT too)
+        # ORT must open every target's Q/DQ graphs (trt bundles run on ORT too); the integer
+        # form of integer_matmuls takes a 1-D bias itself.
+        if eff.w_bits in (7, 8) and not scales_in_graph(target):
             bias_to_2d(layer)
     # Layers that read the same tensor through the same path (smoothing vector, rotation,
     # activation amax of every group: q/k/v without smoothing) share one Mul/MatMul/Q/DQ
