@@ -641,9 +641,9 @@ def timestep_group_index(graph, groups: list[tuple[int, int]], timestep: str = "
     if timestep not in inputs:
         raise QdqError(f"the graph has no '{timestep}' input to choose a timestep group by")
     t = inputs[timestep]
-    names = ["t0", "t0_float", "reached", "reached_int", "index"]
-    v = {n: gs.Variable(f"timestep_group/{n}", dtype=np.int64 if n in ("reached_int", "index")
-                        else np.bool_ if n == "reached" else np.float32) for n in names}
+    dtypes = {"t0": t.dtype, "t0_float": np.float32, "reached": np.bool_, "reached_int": np.int64,
+              "index": np.int64}  # t0 keeps the input's type (float or int64 timesteps)
+    v = {n: gs.Variable(f"timestep_group/{n}", dtype=d) for n, d in dtypes.items()}
     starts = np.array([lo for lo, _ in groups[1:]], np.float32)
     add = graph.nodes.append
     add(gs.Node("Gather", "timestep_group/Gather", attrs={"axis": 0},
