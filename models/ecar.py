@@ -510,7 +510,7 @@ class ECAR(nn.Module):
         over stages. `labels` may hold the null class (CFG dropout is the caller's)."""
         cfg, B, p = self.cfg, x.shape[0], self.cfg.patch_size
         data = stage_maps(cfg, x)
-        z = [torch.randn(d.shape, generator=generator) for d in data]
+        z = [torch.randn(d.shape, generator=generator, device=d.device) for d in data]
         eps = noise_chain(cfg, z)
         ranges = cfg.stage_ranges()
         ends = [e_t * d + (1 - e_t) * n for (_, e_t), d, n in zip(ranges, data, eps)]
@@ -519,7 +519,7 @@ class ECAR(nn.Module):
         for s, (t0, t1) in enumerate(ranges):
             coarse = upsample(data[s - 1]) if s > 0 else torch.zeros_like(data[0])
             start = t0 * coarse + (1 - t0) * eps[s]
-            lam = torch.rand(B, generator=generator)
+            lam = torch.rand(B, generator=generator, device=x.device)
             xt = start + lam.view(-1, 1, 1, 1) * (ends[s] - start)
             target = (ends[s] - start) / (t1 - t0)
             t = t0 + lam * (t1 - t0)
@@ -613,7 +613,8 @@ def save_checkpoint(model: ECAR, path: str | Path, metadata: dict[str, str]) -> 
     path = Path(path)
     tmp = path.with_suffix(".tmp")
     meta = {**{k: str(v) for k, v in metadata.items()}, "ecar_config": json.dumps(model.cfg.to_dict())}
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp), metadata=meta)
+    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp),
+              metadata=meta)
     os.replace(tmp, path)
 
 

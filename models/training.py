@@ -2,8 +2,10 @@
 pixart-ref and dit-ref, samples/train_ecar.py for ecar-ref): AdamW, linear warm-up then cosine
 decay over the step or time budget, gradient clipping, EMA weights, periodic checkpoints.
 
-The scripts own the data and the loss; this owns everything that must be the same for a fair
-comparison of the models they train.
+The scripts own the loss; this owns everything that must be the same for a fair comparison
+of the models they train: the pictures, the optimiser, the schedule, the EMA. On a CUDA device
+the step runs under bf16 autocast (fp32 weights, optimiser and EMA) and the loss is read back
+only when it is printed, so the GPU is never waited on inside the loop.
 """
 
 from __future__ import annotations
@@ -15,6 +17,10 @@ from typing import Callable
 
 import numpy as np
 import torch
+
+from . import refdata
+
+SHARD_SIZE = 10_000  # pictures per independently seeded shard of the training set
 
 
 @dataclass
@@ -49,14 +55,19 @@ def train(model: torch.nn.Module, ema_model: torch.nn.Module, ema_of: torch.nn.M
     `ema_model` tracks the EMA of `ema_of`'s parameters (the part of `model` that is saved).
     `save(step, mean_recent_loss)` writes a checkpoint every `save_every` steps and at the end.
     Returns the final step and the mean loss of the last 500 steps."""
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0, betas=(0.9, 0.99))
-    losses: list[float] = []
+    device = next(model.parameters()).device
+    on_cuda = device.type == "cuda"
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0, betas=(0.9, 0.99),
+                            fused=on_cuda)
+    ema_params, model_params = list(ema_model.parameters()), list(ema_of.parameters())
+    losses: list[torch.Tensor] = []  # kept on the device; read back when printed
     step, start = first_step, time.time()
     while step < cfg.steps:
         for group in opt.param_groups:
             group["lr"] = learning_rate(cfg, step - first_step, cfg.steps - first_step,
                                         time.time() - start)
-        loss = loss_fn()
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=on_cuda):
+            loss = loss_fn()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad_norm)
@@ -65,20 +76,49 @@ def train(model: torch.nn.Module, ema_model: torch.nn.Module, ema_of: torch.nn.M
         done = step - first_step
         decay = min(cfg.ema, (1 + done) / (10 + done))  # short EMA window while it is young
         with torch.no_grad():
-            for pe, pm in zip(ema_model.parameters(), ema_of.parameters()):
-                pe.lerp_(pm, 1 - decay)
-        losses.append(loss.item())
+            torch._foreach_lerp_(ema_params, model_params, 1 - decay)
+        losses.append(loss.detach())
+        losses = losses[-500:]
         elapsed = time.time() - start
         if step % 100 == 0:
-            print(f"step {step} loss {np.mean(losses[-100:]):.4f} lr {opt.param_groups[0]['lr']:.2e} "
-                  f"{elapsed / done:.2f}s/step {elapsed / 60:.1f}min", flush=True)
+            print(f"step {step} loss {_mean(losses[-100:]):.4f} lr {opt.param_groups[0]['lr']:.2e} "
+                  f"{elapsed / done:.3f}s/step {elapsed / 60:.1f}min", flush=True)
         if step % cfg.save_every == 0:
-            save(step, float(np.mean(losses[-500:])))
+            save(step, _mean(losses))
         if cfg.minutes is not None and elapsed > cfg.minutes * 60:
             break
-    final_loss = float(np.mean(losses[-500:])) if losses else float("nan")
+    final_loss = _mean(losses)
     save(step, final_loss)
     return step, final_loss
+
+
+def _mean(losses: list[torch.Tensor]) -> float:
+    return float(torch.stack(losses).float().mean()) if losses else float("nan")
+
+
+def training_pictures(n: int, seed: int = 0, res: int = refdata.RESOLUTION,
+                      workers: int = 1) -> tuple[np.ndarray, list[refdata.Attributes]]:
+    """`n` pictures of the training split, drawn as shards of SHARD_SIZE (shard k is
+    `refdata.make_dataset(size, "train", seed=seed * 1000 + k)`), so that `workers` processes
+    can draw them in parallel and the pictures are the same for any number of workers."""
+    sizes = [min(SHARD_SIZE, n - start) for start in range(0, n, SHARD_SIZE)]
+    jobs = [(size, "train", seed * 1000 + k, res) for k, size in enumerate(sizes)]
+    if workers > 1 and len(jobs) > 1:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        # spawn: the parent holds torch's thread pools, which do not survive a fork
+        with ProcessPoolExecutor(min(workers, len(jobs)),
+                                 mp_context=multiprocessing.get_context("spawn")) as pool:
+            shards = list(pool.map(_draw, jobs))
+    else:
+        shards = [_draw(job) for job in jobs]
+    return np.concatenate([images for images, _ in shards]), [a for _, attrs in shards for a in attrs]
+
+
+def _draw(job: tuple[int, str, int, int]):
+    size, split, seed, res = job
+    return refdata.make_dataset(size, split, seed=seed, res=res)
 
 
 def dit_init(transformer: torch.nn.Module) -> None:

@@ -2,22 +2,26 @@
 captioned data set of models/refdata.py.
 
     python samples/train_reference.py pixart-ref --minutes 55
-    python samples/train_reference.py dit-ref --minutes 40
+    python samples/train_reference.py dit-ref --device cuda --batch 256 --minutes 8
+
+The shipped weights come from one run on one H200 GPU, both models and the three ECAR models
+(samples/train_ecar.py) training side by side for 8 minutes each:
+
+    --device cuda --batch 256 --lr 6e-4 --ema 0.999 --data-size 80000 --data-workers 3 --minutes 8
+
+(pixart-ref 11,018 steps, dit-ref 12,533; pixart-ref with --caption-states, since that
+machine had no MiniLM). On the 2-core development machine, at batch 48 with --threads 1,
+a step takes ~0.8 s (pixart-ref) and ~0.65 s (dit-ref): ~4,500 steps an hour.
 
 Seeded and reproducible for a given --steps (a --minutes budget stops at a step count that
-depends on the machine; the step count reached is stored in the checkpoint's metadata).
-Time on the 2-core development machine, both models training side by side with
---threads 1 at batch 48: pixart-ref ~0.8 s/step, dit-ref ~0.65 s/step (1.0-1.4 s/step while
-other work shares the cores), i.e. ~4,500 steps an hour. The shipped checkpoints were
-trained for the step counts in their metadata (`safe_open(path, "pt").metadata()`).
+depends on the machine; the step count reached is stored in the checkpoint's metadata,
+`safe_open(path, "pt").metadata()`).
 
 DDPM on the linear beta schedule of PixArt-alpha and DiT with v-prediction (the spec's
 scheduler says which), pixels in [-1, 1], 10% condition dropout for classifier-free guidance,
-DiT's initialisation for fresh runs (models/training.dit_init), AdamW with warm-up and cosine
-decay over the budget, EMA weights saved (models/training.py, shared with
-samples/train_ecar.py). The shipped weights: three runs, the last two with --resume
-(--minutes 75, then 85), ~3.8 hours each; the last run's low-learning-rate tail is what
-turned scattered 4x4 patches into one blob per image.
+DiT's initialisation for fresh runs (models/training.dit_init); the pictures, AdamW with
+warm-up and cosine decay over the budget, EMA weights and bf16 autocast on CUDA come from
+models/training.py, shared with samples/train_ecar.py.
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ from safetensors.torch import save_file
 from effgen.models import refdata
 from effgen.models.configs import DDPM_LINEAR, get_spec
 from effgen.models.denoiser import WEIGHTS_DIR, build_denoiser
-from effgen.models.training import TrainConfig, dit_init, train
+from effgen.models.training import TrainConfig, dit_init, train, training_pictures
 
 
 def ddpm_alphas_cumprod() -> torch.Tensor:
@@ -45,13 +49,32 @@ def ddpm_alphas_cumprod() -> torch.Tensor:
     return torch.cumprod(1 - betas, 0).float()
 
 
-def caption_table(attrs_pool: list[refdata.Attributes]):
-    """MiniLM states for every distinct caption, plus the empty prompt (the CFG null)."""
-    from effgen.models.text_encoder import encode
+def caption_table(attrs_pool: list[refdata.Attributes], cache: Path | None = None):
+    """MiniLM states for every distinct caption, plus the empty prompt (the CFG null).
+
+    The states are rounded to float16 (the cache's format: 12 MB for the 973 captions, small
+    enough to travel to a GPU machine that lacks the encoder); `cache`, when given, is read if
+    it exists and written otherwise."""
+    from safetensors.torch import load_file
 
     captions = sorted({a.caption for a in attrs_pool}) + [""]
-    states, mask = encode(captions)
-    return {c: i for i, c in enumerate(captions)}, states, mask
+    if cache is not None and cache.is_file():
+        from safetensors import safe_open
+
+        with safe_open(str(cache), "pt") as f:
+            if json.loads(f.metadata()["captions"]) != captions:
+                raise SystemExit(f"{cache}: its captions are not this data set's; delete it")
+        tensors = load_file(cache)
+        states, mask = tensors["states"], tensors["mask"]
+    else:
+        from effgen.models.text_encoder import encode
+
+        states, mask = encode(captions)
+        states = states.half()
+        if cache is not None:
+            save_file({"states": states, "mask": mask}, str(cache),
+                      metadata={"captions": json.dumps(captions)})
+    return {c: i for i, c in enumerate(captions)}, states.float(), mask
 
 
 def main(argv=None):
@@ -64,6 +87,12 @@ def main(argv=None):
     p.add_argument("--data-size", type=int, default=30_000, help="pictures drawn for training")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (CUDA: bf16 autocast)")
+    p.add_argument("--data-workers", type=int, default=1,
+                   help="processes drawing the pictures (the same pictures for any number)")
+    p.add_argument("--caption-states", type=Path, default=None,
+                   help="pixart-ref: cache file of the captions' MiniLM states (read if it "
+                   "exists, else written): lets a machine without the encoder train")
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--ema", type=float, default=0.995,
                    help="EMA decay of the saved weights (0.995: a ~200-step window, which suits "
@@ -80,14 +109,16 @@ def main(argv=None):
         p.error(f"--resume: {out} does not exist")
 
     t0 = time.time()
-    images, attrs = refdata.make_dataset(args.data_size, "train", seed=args.seed)
-    x_all = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
+    dev = torch.device(args.device)
+    images, attrs = training_pictures(args.data_size, args.seed, workers=args.data_workers)
+    x_all = (torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1).to(dev)
     if spec.family == "pixart":
-        index, states, mask = caption_table(refdata.split("train"))
-        cond_idx = torch.tensor([index[a.caption] for a in attrs])
+        index, states, mask = caption_table(refdata.split("train"), args.caption_states)
+        states, mask = states.to(dev), mask.to(dev)
+        cond_idx = torch.tensor([index[a.caption] for a in attrs], device=dev)
         null_idx = index[""]
     else:
-        labels = torch.tensor([a.class_id for a in attrs])
+        labels = torch.tensor([a.class_id for a in attrs], device=dev)
     print(f"data: {len(attrs)} pictures in {time.time() - t0:.0f}s", flush=True)
 
     model = build_denoiser(spec, seed=args.seed).train()
@@ -101,31 +132,33 @@ def main(argv=None):
         with safe_open(str(out), "pt") as f:
             first_step = int(f.metadata()["steps"])
         print(f"resuming from {out} at step {first_step}", flush=True)
+    model.to(dev)
     ema = copy.deepcopy(model.transformer).eval().requires_grad_(False)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"{args.model}: {n_params / 1e6:.2f}M parameters", flush=True)
-    acp = ddpm_alphas_cumprod()
+    acp = ddpm_alphas_cumprod().to(dev)
     v_prediction = spec.scheduler["prediction_type"] == "v_prediction"
-    g = torch.Generator().manual_seed(args.seed + first_step)
+    g = torch.Generator(dev).manual_seed(args.seed + first_step)
 
     def save(step: int, loss: float):
         meta = {"model": args.model, "steps": str(step), "batch": str(args.batch),
                 "seed": str(args.seed), "loss": f"{loss:.5f}", "ema": str(args.ema),
                 "lr": str(args.lr), "train_minutes": f"{(time.time() - t0) / 60:.1f}"}
         tmp = out.with_suffix(".tmp")
-        save_file({k: v.contiguous() for k, v in ema.state_dict().items()}, str(tmp), metadata=meta)
+        save_file({k: v.detach().cpu().contiguous() for k, v in ema.state_dict().items()},
+                  str(tmp), metadata=meta)
         os.replace(tmp, out)
 
     def loss_fn() -> torch.Tensor:
-        idx = torch.randint(0, len(x_all), (args.batch,), generator=g)
+        idx = torch.randint(0, len(x_all), (args.batch,), generator=g, device=dev)
         x0 = x_all[idx]
-        t = torch.randint(0, len(acp), (args.batch,), generator=g)
-        eps = torch.randn(x0.shape, generator=g)
+        t = torch.randint(0, len(acp), (args.batch,), generator=g, device=dev)
+        eps = torch.randn(x0.shape, generator=g, device=dev)
         a = acp[t].view(-1, 1, 1, 1)
         xt = a.sqrt() * x0 + (1 - a).sqrt() * eps
         if spec.family == "pixart":
             ci = cond_idx[idx].clone()
-            ci[torch.rand(args.batch, generator=g) < 0.1] = null_idx
+            ci[torch.rand(args.batch, generator=g, device=dev) < 0.1] = null_idx
             pred = model(xt, t.float(), states[ci], mask[ci])
         else:
             # diffusers' DiT label embedding drops 10% of labels to the null class itself
