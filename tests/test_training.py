@@ -64,3 +64,20 @@ def test_dit_init_zeroes_residual_writes_and_output_but_the_output_layer_still_l
     out.sum().backward()  # ... but it receives a gradient, so training moves it
     head = model.transformer.proj_out_2 if name == "dit-tiny" else model.transformer.proj_out
     assert head.weight.grad.abs().sum() > 0
+
+
+def test_training_pictures_are_the_same_shards_whatever_the_number_of_workers(monkeypatch):
+    import numpy as np
+
+    from effgen.models import refdata, training
+
+    monkeypatch.setattr(training, "SHARD_SIZE", 4)
+    serial, attrs = training.training_pictures(10, seed=3)
+    parallel, attrs_parallel = training.training_pictures(10, seed=3, workers=2)
+    assert serial.shape == (10, 32, 32, 3) and attrs == attrs_parallel
+    np.testing.assert_array_equal(serial, parallel)
+    # shard k is refdata's data set of seed 1000 * seed + k; the last shard is the remainder
+    shard1, _ = refdata.make_dataset(4, "train", seed=3001)
+    np.testing.assert_array_equal(serial[4:8], shard1)
+    assert len({a.caption for a in attrs}) > 1
+    assert not {(a.shape, a.colour, f"{a.row} {a.col}") for a in attrs} & refdata.heldout_triples()
