@@ -206,14 +206,21 @@ def cmd_calib(args) -> int:
     from .calib.quantizers import describe
     from .calib.scales import write_calibration
     from .calib.stats import calibration_items
+    from .models.configs import get_spec
     from .models.denoiser import load_denoiser
+    from .models.ecar import load_ecar
 
     raw = _grouping_override(read_plan_file(args.plan), args)
     if args.threads > 0:
         import torch
 
         torch.set_num_threads(args.threads)
-    denoiser = load_denoiser(args.model, args.checkpoint)
+    if get_spec(args.model).family == "ecar":  # both components, stages as timesteps
+        if args.checkpoint is not None:
+            raise ValueError(f"{args.model}: ECAR models calibrate their shipped weights (no --checkpoint)")
+        denoiser = load_ecar(args.model)
+    else:
+        denoiser = load_denoiser(args.model, args.checkpoint)
     items = calibration_items(denoiser.spec, args.n_calib, args.prompts)
     plan, scales = calibrate(denoiser, raw, args.target, items=items, steps=args.steps,
                              guidance=args.guidance, use_cache=not args.no_cache, log=_calib_log)
@@ -280,8 +287,10 @@ def _add_calib_parsers(sub) -> None:
                        "(statistics cached under $EFFGEN_CACHE or ~/.cache/effgen), compute "
                        "smoothing vectors, weight scales and per-timestep-group activation "
                        "scales for the plan as the target runs it, and write the resolved "
-                       "plan (plan.json) and scales.safetensors into --out.")
-    c.add_argument("model", help="model name (pixart = pixart-ref, dit = dit-ref, dit-tiny, ...)")
+                       "plan (plan.json) and scales.safetensors into --out. ECAR models "
+                       "calibrate both components (ar.*, head.*) along their stage loop: "
+                       "their timestep groups are stage groups.")
+    c.add_argument("model", help="model name (pixart = pixart-ref, dit = dit-ref, ecar = ecar-ref, dit-tiny, ...)")
     c.add_argument("--plan", type=Path, required=True, help="plan JSON (effgen.plan/1)")
     c.add_argument("--out", type=Path, required=True, help="directory for plan.json and scales.safetensors")
     c.add_argument("--target", choices=["ort-cpu", "trt", "trt-orin"], default=None,

@@ -34,13 +34,14 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
+from ..models.ecar import DEFAULT_FP as ECAR_DEFAULT_FP
 from .balance import hadamard, rotated_layers, smooth_weight, smoothing_alphas, smoothing_vector
 from .bos import first_token_layers
 from .plan import Plan, PlanError, resolve_plan
 from .quantizers import ACT_METHODS, WEIGHT_METHODS, search_amax, weight_scale
 from .scales import key
-from .stats import (Statistics, collect_statistics, encode_conditions, in_features, module_kind,
-                    quantizable_modules)
+from .stats import (Statistics, collect_ecar_statistics, collect_statistics, encode_conditions,
+                    in_features, module_kind, quantizable_modules)
 from .targets import effective_precision
 from .timesteps import group_by_tolerance, group_fixed, groups_to_ranges
 
@@ -54,11 +55,16 @@ DEFAULT_FP = {
                r"transformer\.caption_projection\..*", r"transformer\.proj_out"],
     "dit": [r"transformer\.pos_embed\..*", r"transformer\.transformer_blocks\.\d+\.norm1\..*",
             r"transformer\.proj_out_1", r"transformer\.proj_out_2"],
+    "ecar": list(ECAR_DEFAULT_FP),
 }
 
 
-def _num_train_timesteps(denoiser) -> int:
-    return int(denoiser.spec.scheduler.get("num_train_timesteps", 1000))
+def _num_train_timesteps(model) -> int:
+    """The range of the timestep that picks an activation-scale group: a diffusion model's
+    training timesteps; an ECAR model's stages (its timestep groups are stage groups)."""
+    if model.spec.family == "ecar":
+        return model.cfg.num_timesteps
+    return int(model.spec.scheduler.get("num_train_timesteps", 1000))
 
 
 def _act_scale_config(techniques: dict[str, Any]) -> tuple[str, float]:
@@ -184,7 +190,9 @@ def calibrate(denoiser, plan_raw: dict[str, Any], target: str | None = None, *,
               use_cache: bool = True, cache=None, progress: bool = True,
               log: Callable[[str], None] | None = None) -> tuple[Plan, dict[str, torch.Tensor]]:
     """Resolve `plan_raw` for `denoiser`, calibrate it for `target` (default: the plan's) and
-    return the resolved plan (timestep groups, provenance.effective, ...) and its scales."""
+    return the resolved plan (timestep groups, provenance.effective, ...) and its scales.
+    `denoiser` may be an ECAR model from `load_ecar` too: its stages are the timesteps, so its
+    timestep groups are stage groups (both components, `ar.*` and `head.*`, in one plan)."""
     plan = resolve_for_model(denoiser, plan_raw, target)
     explicit_groups = plan_raw.get("timestep_groups") is not None
     modules = quantizable_modules(denoiser)
@@ -192,9 +200,9 @@ def calibrate(denoiser, plan_raw: dict[str, Any], target: str | None = None, *,
     effective = {n: effective_precision(p, module_kind(modules[n]), plan.target)
                  for n, p in quantized.items()}
     if stats is None:
-        stats = collect_statistics(denoiser, items=items, n_calib=n_calib, steps=steps,
-                                   guidance=guidance, use_cache=use_cache, cache=cache,
-                                   progress=progress, log=log)
+        collect = collect_ecar_statistics if denoiser.spec.family == "ecar" else collect_statistics
+        stats = collect(denoiser, items=items, n_calib=n_calib, steps=steps, guidance=guidance,
+                        use_cache=use_cache, cache=cache, progress=progress, log=log)
     missing = [n for n, e in effective.items() if not e.is_fp and n not in stats.absmax]
     if missing:
         raise ValueError(f"no statistics for {missing[0]} (the FP sampler never ran it)")

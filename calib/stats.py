@@ -79,6 +79,7 @@ def calibration_items(spec: ModelSpec, n: int, prompt_file: str | Path | None = 
     Default: `refdata.eval_prompts(n, seed=999)`, a held-out set drawn with another seed than
     evaluation. A prompt file has one caption (or, for a class-conditional model, one
     integer label) per line; the first `n` lines are used."""
+    class_conditional = spec.family in ("dit", "ecar")
     if prompt_file is not None:
         path = Path(prompt_file)
         if not path.is_file():
@@ -87,7 +88,7 @@ def calibration_items(spec: ModelSpec, n: int, prompt_file: str | Path | None = 
         if not lines:
             raise ValueError(f"{path}: no prompts")
         lines = lines[:n] if n else lines
-        if spec.family == "dit":
+        if class_conditional:
             try:
                 labels = [int(x) for x in lines]
             except ValueError:
@@ -99,7 +100,7 @@ def calibration_items(spec: ModelSpec, n: int, prompt_file: str | Path | None = 
             return labels
         return lines
     attrs = refdata.eval_prompts(n, seed=seed)
-    if spec.family == "dit":
+    if class_conditional:
         return [a.class_id % spec.num_classes for a in attrs]
     return [a.caption for a in attrs]
 
@@ -249,8 +250,19 @@ class _RowStats:
 
     def stacked(self, names: Sequence[str]) -> tuple[dict, dict, dict]:
         return ({n: torch.stack(self.absmax[n]) for n in names},
-                {n: torch.stack(self.rows[n]) for n in names},
-                {n: torch.stack(self.top[n]) for n in names})
+                {n: torch.stack(self._equal_samples(n)) for n in names},
+                {n: torch.stack(self._equal_samples(n, self.top)) for n in names})
+
+    def _equal_samples(self, name: str, source: dict | None = None) -> list[torch.Tensor]:
+        """The per-step samples cut to one size: a step that saw fewer rows than the budget
+        (ECAR's first stages, one token per image) sets it. Uniform rows keep their k lowest
+        random keys (still a uniform sample); the largest-norm rows are sorted by norm."""
+        per_step = (source or self.rows)[name]
+        k = min(len(r) for r in per_step)
+        if source is not None:
+            return [r[:k] for r in per_step]
+        return [r[torch.topk(keys, k, largest=False).indices]
+                for r, keys in zip(per_step, self.keys[name])]
 
 
 class _Recorder:
@@ -371,6 +383,60 @@ def collect_statistics(denoiser: Denoiser, items: Sequence | None = None, n_cali
     stats = Statistics(timesteps, absmax, rows, top,
                        {**{k: v for k, v in doc.items() if k != "data"}, "n_items": n, "key": key},
                        *rec.after_first.stacked(rec.after_first.complete()))
+    if use_cache:
+        stats.save(path)
+        if log:
+            log(f"statistics cached in {path}")
+    return stats
+
+
+def collect_ecar_statistics(model, items: Sequence | None = None, n_calib: int = 32,
+                            steps: int | None = None, guidance: float | None = None,
+                            seed: int = CALIB_SEED, budget: int = DEFAULT_BUDGET, batch: int = 16,
+                            use_cache: bool = True, cache: str | Path | None = None,
+                            progress: bool = True, log=None) -> Statistics:
+    """`collect_statistics` for an ECAR model (models/ecar.py, loaded by `load_ecar`): its
+    stage loop over class labels, with the stage index as the timestep: step s of the
+    statistics merges stage s's AR pass and all its head steps (the activations the stage's
+    graphs see), so timestep groups are stage groups. `steps` must be None: ECAR calibrates
+    along its own stage steps."""
+    from tqdm import tqdm
+
+    from ..models.ecar import sample, stage_noise
+
+    spec, cfg = model.spec, model.cfg
+    if steps is not None:
+        raise ValueError(f"{spec.name}: ECAR calibrates along its own stage steps "
+                         f"{list(cfg.stage_steps)} (no calibration steps)")
+    items = list(items) if items is not None else calibration_items(spec, n_calib, seed=seed)
+    guidance = float(cfg.cfg_scale if guidance is None else guidance)
+    doc = {"format": STATS_FORMAT, "model": spec.name, "weights": weights_hash(model),
+           "data": items, "noise_seed": seed, "stage_steps": list(cfg.stage_steps),
+           "guidance": guidance, "budget": budget}
+    key = hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
+    path = Path(cache or cache_dir()) / "stats" / f"{spec.name}-{key[:24]}.safetensors"
+    cached = read_cache(path, Statistics.load, "statistics", use_cache, log)
+    if cached is not None:
+        return cached
+    S = cfg.num_stages
+    noise = stage_noise(cfg, seed, len(items))
+    rec = _Recorder(quantizable_modules(model), S, budget, seed)
+    chunks = list(range(0, len(items), batch))
+    with rec, tqdm(total=S * len(chunks), desc=f"calibration statistics ({spec.name})",
+                   unit="stage", file=sys.stderr, disable=not progress) as bar:
+        for start in chunks:
+            def on_stage(s):
+                if s > 0:
+                    bar.update(1)
+                rec.step = s
+
+            sample(model, items[start:start + batch], [z[start:start + batch] for z in noise],
+                   cfg_scale=guidance, on_stage=on_stage)
+            bar.update(1)
+    absmax, rows, top = rec.all_rows.stacked(rec.all_rows.complete())
+    stats = Statistics(list(range(S)), absmax, rows, top,
+                       {**{k: v for k, v in doc.items() if k != "data"}, "steps": None,
+                        "scheduler": "ecar-multistage-euler", "n_items": len(items), "key": key})
     if use_cache:
         stats.save(path)
         if log:

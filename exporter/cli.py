@@ -31,8 +31,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fixed batch of the denoiser graph (2 = one image with guidance)")
     q = p.add_argument_group(
         "quantization", "With --plan or --scales the denoiser is exported quantized: one QDQ "
-        "graph per timestep group, all sharing one weight file; the manifest records per layer "
-        "the precision the target really runs and the sha256 of plan and scales.")
+        "graph per timestep group (on ort-cpu one graph that picks each group's scales by its "
+        "timestep), all sharing one weight file; the manifest records per layer the precision "
+        "the target really runs and the sha256 of plan and scales. An ECAR model's two "
+        "components are quantized by one plan, each stage graph with its stage group's scales.")
     q.add_argument("--plan", type=Path, default=None,
                    help="plan JSON (effgen.plan/1): calibrated now (cached statistics are reused)")
     q.add_argument("--scales", type=Path, default=None,

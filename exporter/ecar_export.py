@@ -8,13 +8,21 @@ class labels, and returns `z` for stage s's tokens only. `head` takes the stage'
 `x_t`, the time `t` and `z`, and returns `velocity`.
 
 The graphs of one component share one external weight file (`ar.weights`, `head.weights`):
-tensors with the same bytes are stored once (DESIGN §4). The model entry carries the whole
+tensors with the same bytes are stored once (DESIGN §4).
+
+Quantized (`--plan`/`--scales`): one plan covers both components (module paths `ar.*`,
+`head.*`); its timestep groups are stage groups. Every stage graph is lowered with its stage
+group's activation scales as constants, on every target (a stage graph runs one stage only,
+so ONNX Runtime CPU needs no in-graph scale selection either), and checked against the
+PyTorch simulation of that stage; the quantized weights, the same bytes in every stage graph,
+are stored once. The model entry carries the whole
 ECAR config plus the derived schedule (stage time ranges, renoise coefficients) the runtime
 applies, so the runtime does no schedule maths of its own.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import hashlib
 import os
@@ -27,12 +35,18 @@ from typing import Callable
 import numpy as np
 import onnx
 import torch
-from onnx import external_data_helper, numpy_helper
+from onnx import external_data_helper
 
+from ..calib.plan import Plan
+from ..calib.scales import write_calibration
+from ..calib.simulate import sim_context
+from ..calib.timesteps import group_index
 from ..models.configs import get_spec
-from ..models.ecar import ECAR, ECARConfig, config_of, load_ecar
+from ..models.ecar import ECAR, ECARConfig, load_ecar
 from ..runtime.bundle import FORMAT, MANIFEST, sha256_file, write_json_atomic
-from .onnx_export import export_module
+from . import qdq
+from .onnx_export import export_module, save_with_external_data
+from .quantized import SQNR_WARN_DB, prepare_quantization, simulated_model, sqnr_db
 
 AR_INPUTS = ("class_labels", "prefix_tokens")
 HEAD_INPUTS = ("x_t", "t", "z")
@@ -110,25 +124,104 @@ def share_external_data(onnx_paths: list[Path], weights_name: str, align: int = 
     os.replace(tmp, root / weights_name)
 
 
-def _export_component(name: str, wrappers: list[torch.nn.Module], examples: list[tuple],
-                      input_names: list[tuple[str, ...]], output: str, work: Path,
-                      log: Callable[[str], None]) -> dict:
+def _export_component(name: str, wrap: Callable[[ECAR, int], torch.nn.Module], ecar: ECAR,
+                      examples: list[tuple], input_names: list[tuple[str, ...]], output: str,
+                      work: Path, log: Callable[[str], None], quant=None) -> dict:
+    """The stage graphs of one component (`wrap(model, s)` runs it as at stage s), sharing one
+    weight file; with `quant` (exporter/quantized.Quantization) each graph is lowered with
+    the scales of its stage's group and checked against the PyTorch simulation."""
     variants, errors, tolerances, paths = [], [], [], []
-    for s, (module, inputs, names) in enumerate(zip(wrappers, examples, input_names)):
-        graph = export_module(module, inputs, names, [output], work, f"{name}_stage{s}")
+    if quant is not None:
+        plan = component_plan(quant.plan, name)
+        sim = simulated_model(ecar, quant)
+    for s, (inputs, names) in enumerate(zip(examples, input_names)):
+        graph = export_module(wrap(ecar, s), inputs, names, [output], work, f"{name}_stage{s}")
         paths.append(work / graph.onnx)
-        variants.append({"onnx": graph.onnx, "engines": {}, "timesteps": [s, s], "stage": s,
-                         "inputs": graph.inputs, "outputs": graph.outputs})
+        variant = {"onnx": graph.onnx, "engines": {}, "timesteps": [s, s], "stage": s,
+                   "inputs": graph.inputs, "outputs": graph.outputs}
+        if quant is not None:
+            report = lower_stage_graph(paths[-1], plan, quant, s)
+            sim_context(sim).set_timestep(s)
+            with torch.no_grad():
+                ref = wrap(sim, s)(*inputs).numpy()
+            out = run_graph(paths[-1], {n: x.numpy() for n, x in zip(names, inputs)}, quant.target)
+            sqnr = sqnr_db(ref, out)
+            note = "" if sqnr >= SQNR_WARN_DB else f"  WARNING: below {SQNR_WARN_DB:.0f} dB"
+            log(f"  {graph.onnx} (stage {s}): ONNX Runtime vs {quant.target} simulation SQNR "
+                f"{sqnr:.1f} dB{note}")
+            variant["sqnr_vs_simulation_db"] = round(sqnr, 2) if np.isfinite(sqnr) else "inf"
+        variants.append(variant)
         errors.append(graph.max_abs_error)
         tolerances.append(graph.tolerance)
     share_external_data(paths, f"{name}.weights")
     last = variants[-1]
-    log(f"  {name}: {len(variants)} stage graphs, ONNX Runtime vs PyTorch max error {max(errors):.2e}")
+    log(f"  {name}: {len(variants)} stage graphs, ONNX Runtime vs PyTorch max error {max(errors):.2e}"
+        + (" (FP graphs)" if quant is not None else ""))
     # Component-level inputs/outputs: names and dtypes are those of every variant; the shapes
     # are the last stage's (each variant records its own).
-    return {"inputs": last["inputs"], "outputs": last["outputs"], "external_data": f"{name}.weights",
-            "variants": variants, "max_abs_error": max(errors), "tolerance": min(tolerances),
-            "variant_key": "stage"}
+    entry = {"inputs": last["inputs"], "outputs": last["outputs"], "external_data": f"{name}.weights",
+             "variants": variants, "max_abs_error": max(errors), "tolerance": min(tolerances),
+             "variant_key": "stage"}
+    if quant is not None:
+        entry["quantization"] = quantization_entry(plan, quant, report, work)
+        violations = [f"{p.name}: {v}" for p in paths for v in qdq.check_file(p, quant.target)]
+        if quant.target == "ort-cpu" and not violations:
+            violations = [f"{p.name}: {v}" for p in paths for v in qdq.ort_unfused(p)]
+        if violations:
+            raise RuntimeError(f"lowered graph breaks the {quant.target} rules: {violations[0]}")
+    return entry
+
+
+def component_plan(plan: Plan, component: str) -> Plan:
+    """The plan's layers of one component (`ar.*` or `head.*`): a component's graphs hold its
+    own modules only."""
+    return dataclasses.replace(plan, layers={m: p for m, p in plan.layers.items()
+                                             if m.split(".")[0] == component})
+
+
+def lower_stage_graph(path: Path, plan: Plan, quant, stage: int) -> dict:
+    """Lower the stage graph at `path` in place: the plan's layers with the activation scales
+    of the stage's group as constants (a stage graph runs one stage only, on every target)."""
+    group = group_index(plan.timestep_groups, stage)
+    lowered, report = qdq.lower(onnx.load(str(path)), plan, quant.scales, quant.target, group,
+                                by_timestep=False)
+    save_with_external_data(lowered, path, f"{path.stem}.weights")
+    return report
+
+
+def run_graph(path: Path, feeds: dict[str, np.ndarray], target: str) -> np.ndarray:
+    """The graph's first output in ONNX Runtime: TensorRT graphs with every node as written
+    (the reference semantics of their Q/DQ), ort-cpu graphs as ONNX Runtime optimizes them."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    if target != "ort-cpu":
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    return sess.run(None, feeds)[0]
+
+
+def quantization_entry(plan: Plan, quant, report: dict, work: Path) -> dict:
+    """The component's manifest `quantization` (as a quantized denoiser's): the target, the
+    plan and scales files and hashes, the stage groups and what every layer runs as."""
+    from ..calib.scales import PLAN_FILE, SCALES_FILE, plan_hash
+    from .onnx_export import OPSET
+
+    counts: dict[str, int] = {}
+    for r in report.values():
+        counts[r.to_json()["precision"]] = counts.get(r.to_json()["precision"], 0) + 1
+    counts["FP"] = len(plan.layers) - sum(counts.values())
+    fp_layers = {m: {"planned": p.to_json(), "precision": "FP"} for m, p in plan.layers.items()
+                 if m not in report}
+    return {
+        "target": quant.target, "int8_format": qdq.default_int8_format(quant.target), "opset": OPSET,
+        "plan": PLAN_FILE, "scales": SCALES_FILE, "plan_sha256": plan_hash(quant.plan),
+        "plan_file_sha256": sha256_file(work / PLAN_FILE),
+        "scales_sha256": sha256_file(work / SCALES_FILE), "source": quant.source,
+        "timestep_groups": [list(g) for g in plan.timestep_groups], "summary": counts,
+        "layers": {**{m: r.to_json() for m, r in report.items()}, **fp_layers},
+    }
 
 
 def ecar_model_entry(name: str, cfg: ECARConfig) -> dict:
@@ -147,17 +240,26 @@ def ecar_model_entry(name: str, cfg: ECARConfig) -> dict:
 
 
 def export_ecar_bundle(model: str, out: Path, batch: int = 2, ecar: ECAR | None = None,
-                       log: Callable[[str], None] = print) -> Path:
+                       log: Callable[[str], None] = print, quantize: dict | None = None) -> Path:
     """Export the ECAR spec `model` (or the given `ecar` module, e.g. a test's tiny one, named
-    `model`) into the bundle directory `out` (replaced if it exists)."""
+    `model`) into the bundle directory `out` (replaced if it exists). `quantize`: keyword
+    arguments of `quantized.prepare_quantization` (plan, scales_dir, target, n_calib): both
+    components are lowered, every stage graph with its stage group's activation scales, and
+    plan.json + scales.safetensors go into the bundle."""
     from .export import _replace_dir, _version
 
     out = Path(out)
     spec = get_spec(model) if ecar is None else None
     if ecar is None:
+        model = spec.name  # `ecar` -> `ecar-ref`: the bundle names the model itself
         ecar = load_ecar(model)
     cfg = ecar.cfg
     ecar = ecar.eval()
+    quant = None
+    if quantize is not None:
+        if ecar.spec is None:
+            raise ValueError(f"{model}: a quantized export needs an ECAR loaded by load_ecar (its spec)")
+        quant = prepare_quantization(ecar, log=log, **quantize)
     out.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.partial-"))
     try:
@@ -165,14 +267,15 @@ def export_ecar_bundle(model: str, out: Path, batch: int = 2, ecar: ECAR | None 
         log(f"exporting ECAR {model} ({n_params / 1e6:.2f}M parameters, stages {cfg.stages}, "
             f"{cfg.schedule}, head {cfg.head_type}, batch {batch})")
         S = cfg.num_stages
+        if quant is not None:  # the component entries hash the files
+            write_calibration(work, quant.plan, quant.scales)
         components = {
             "ar": _export_component(
-                "ar", [ARStage(ecar, s) for s in range(S)],
-                [ar_example(cfg, s, batch) for s in range(S)],
-                [AR_INPUTS[:1] if s == 0 else AR_INPUTS for s in range(S)], "z", work, log),
+                "ar", ARStage, ecar, [ar_example(cfg, s, batch) for s in range(S)],
+                [AR_INPUTS[:1] if s == 0 else AR_INPUTS for s in range(S)], "z", work, log, quant),
             "head": _export_component(
-                "head", [HeadStep(ecar)] * S, [head_example(cfg, s, batch) for s in range(S)],
-                [HEAD_INPUTS] * S, "velocity", work, log),
+                "head", lambda m, s: HeadStep(m), ecar, [head_example(cfg, s, batch) for s in range(S)],
+                [HEAD_INPUTS] * S, "velocity", work, log, quant),
         }
         files = {p.name: sha256_file(p) for p in sorted(work.iterdir()) if p.is_file()}
 

@@ -96,12 +96,10 @@ def export_bundle(model: str, out: Path, checkpoint: Path | None = None,
     if get_spec(model).family == "ecar":  # two components, one graph per stage each
         from .ecar_export import export_ecar_bundle
 
-        if quantize is not None:
-            raise ValueError(f"{model}: quantized export (--plan/--scales) covers PixArt and DiT")
         if checkpoint is not None or resolution is not None:
             raise ValueError(f"{model}: ECAR models export from their shipped weights at their "
                              "own resolution (no --checkpoint / --resolution)")
-        return export_ecar_bundle(model, out, batch=batch, log=log)
+        return export_ecar_bundle(model, out, batch=batch, log=log, quantize=quantize)
     out = Path(out)
     checkpoint = Path(checkpoint) if checkpoint else None
     denoiser: Denoiser = load_denoiser(model, checkpoint)

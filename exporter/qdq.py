@@ -626,6 +626,10 @@ def bias_to_2d(layer: Layer) -> bool:
         return False
     add = y.outputs[0]
     for i, t in enumerate(add.inputs):
+        # The TorchScript exporter writes a duplicate initializer (the zero biases of an
+        # untrained model) as an Identity of the first one.
+        if len(t.inputs) == 1 and t.inputs[0].op == "Identity":
+            t = t.inputs[0].inputs[0]
         if isinstance(t, gs.Constant) and len(t.shape) == 1:
             add.inputs[i] = _const(f"{layer.module}.bias_1xn", _values(t).reshape(1, -1))
             return True
@@ -815,13 +819,16 @@ def scales_in_graph(target: str) -> bool:
 
 
 def lower(model: onnx.ModelProto, plan: Plan, scales: Mapping[str, Any], target: str,
-          group: int = 0, fold_smoothing: bool = True
+          group: int = 0, fold_smoothing: bool = True, by_timestep: bool | None = None
           ) -> tuple[onnx.ModelProto, dict[str, LayerLowering]]:
     """The FP graph with the plan's quantization for `target`, activation scales of timestep
     group `group` (on a target with `scales_in_graph`: of every group, chosen by the graph's
     timestep input; `group` is not used). Layers the plan keeps FP (or that are FP on the
-    target) are untouched."""
+    target) are untouched. `by_timestep=False` keeps group `group`'s scales as constants on
+    every target (a graph that only ever runs one group, as an ECAR stage graph; on ort-cpu it
+    is the Q/DQ form, which ONNX Runtime fuses with constant scales)."""
     gs = _gs()
+    by_timestep = scales_in_graph(target) if by_timestep is None else by_timestep
     int8_format = default_int8_format(target)
     if not 0 <= group < len(plan.timestep_groups):
         raise QdqError(f"timestep group {group} does not exist ({len(plan.timestep_groups)} groups)")
@@ -853,7 +860,7 @@ def lower(model: onnx.ModelProto, plan: Plan, scales: Mapping[str, Any], target:
             quantize_weight(layer, eff.w_bits, eff.w_granularity, w_scale)
         # ORT must open every target's Q/DQ graphs (trt bundles run on ORT too); the integer
         # form of integer_matmuls takes a 1-D bias itself.
-        if eff.w_bits in (7, 8) and not scales_in_graph(target):
+        if eff.w_bits in (7, 8) and not by_timestep:
             bias_to_2d(layer)
     # Layers that read the same tensor through the same path (smoothing vector, rotation,
     # activation amax of every group: q/k/v without smoothing) share one Mul/MatMul/Q/DQ
@@ -894,7 +901,7 @@ def lower(model: onnx.ModelProto, plan: Plan, scales: Mapping[str, Any], target:
             rep.input_scale = activation_scale_name(m)
         # per-token A8 exists only as ort-cpu W4 (MatMulNBits quantizes its input itself).
         paths[key] = (m, layer.node.inputs[0], token0)
-    if scales_in_graph(target):
+    if by_timestep:
         tables = {rep.input_scale: np.array([_act_scale(float(a)) for a in _np(scales[f"{m}.a_amax"])],
                                             np.float32)
                   for m, rep in report.items() if rep.input_scale is not None and not rep.shares_input_with}
