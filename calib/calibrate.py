@@ -40,8 +40,8 @@ from .bos import first_token_layers
 from .plan import Plan, PlanError, resolve_plan
 from .quantizers import ACT_METHODS, WEIGHT_METHODS, search_amax, weight_scale
 from .scales import key
-from .stats import (Statistics, collect_ecar_statistics, collect_statistics, encode_conditions,
-                    in_features, module_kind, quantizable_modules)
+from .stats import (Statistics, collect_statistics, encode_conditions, in_features, module_kind,
+                    quantizable_modules)
 from .targets import effective_precision
 from .timesteps import group_by_tolerance, group_fixed, groups_to_ranges
 
@@ -200,9 +200,9 @@ def calibrate(denoiser, plan_raw: dict[str, Any], target: str | None = None, *,
     effective = {n: effective_precision(p, module_kind(modules[n]), plan.target)
                  for n, p in quantized.items()}
     if stats is None:
-        collect = collect_ecar_statistics if denoiser.spec.family == "ecar" else collect_statistics
-        stats = collect(denoiser, items=items, n_calib=n_calib, steps=steps, guidance=guidance,
-                        use_cache=use_cache, cache=cache, progress=progress, log=log)
+        stats = collect_statistics(denoiser, items=items, n_calib=n_calib, steps=steps,
+                                   guidance=guidance, use_cache=use_cache, cache=cache,
+                                   progress=progress, log=log)
     missing = [n for n, e in effective.items() if not e.is_fp and n not in stats.absmax]
     if missing:
         raise ValueError(f"no statistics for {missing[0]} (the FP sampler never ran it)")

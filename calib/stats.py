@@ -33,7 +33,6 @@ import torch
 
 from ..models import refdata
 from ..models.configs import ModelSpec
-from ..models.denoiser import Denoiser
 from .bos import TOKEN_AXIS, text_token_layers
 
 STATS_FORMAT = "effgen.stats/2"
@@ -302,17 +301,80 @@ class _Recorder:
         return hook
 
 
-def stats_key(denoiser: Denoiser, items: Sequence, scheduler: dict, steps: int,
-              guidance: float, seed: int, budget: int) -> tuple[str, dict]:
-    doc = {"format": STATS_FORMAT, "model": denoiser.spec.name,
-           "weights": weights_hash(denoiser), "data": list(items), "noise_seed": seed,
-           "scheduler": scheduler, "steps": steps, "guidance": guidance, "budget": budget,
-           "sample_size": denoiser.spec.sample_size}
-    text_layers = text_token_layers(quantizable_modules(denoiser))
+def sampler_config(model, steps: int | None = None, guidance: float | None = None,
+                   scheduler: dict | None = None) -> dict:
+    """What the calibration sampler runs (part of every cache key): a diffusion model's
+    scheduler, steps and guidance; an ECAR model's stage steps and guidance (its stages are the
+    steps; `steps` must be None: ECAR calibrates along its own stage loop)."""
+    spec = model.spec
+    if spec.family == "ecar":
+        cfg = model.cfg
+        if steps is not None:
+            raise ValueError(f"{spec.name}: ECAR calibrates along its own stage steps "
+                             f"{list(cfg.stage_steps)} (no calibration steps)")
+        return {"stage_steps": list(cfg.stage_steps),
+                "guidance": float(cfg.cfg_scale if guidance is None else guidance)}
+    return {"scheduler": dict(scheduler or spec.scheduler), "steps": int(steps or spec.steps),
+            "guidance": float(spec.guidance if guidance is None else guidance)}
+
+
+def stats_key(model, items: Sequence, sampler: dict, seed: int, budget: int) -> tuple[str, dict]:
+    doc = {"format": STATS_FORMAT, "model": model.spec.name, "weights": weights_hash(model),
+           "data": list(items), "noise_seed": seed, **sampler, "budget": budget}
+    if model.spec.family != "ecar":
+        doc["sample_size"] = model.spec.sample_size
+    text_layers = text_token_layers(quantizable_modules(model))
     if text_layers:  # statistics without token 0 too (calib/bos.py); older entries lack them
         doc["after_first_token"] = text_layers
     canonical = json.dumps(doc, sort_keys=True, default=str)
     return hashlib.sha256(canonical.encode()).hexdigest(), doc
+
+
+def run_sampler(model, items: Sequence, sampler: dict, seed: int, on_step: Callable[[int], None],
+                desc: str, progress: bool = True, batch: int = 16) -> list[int]:
+    """Run the FP sampler over `items` in batches of `batch` (image i from the runtime's noise
+    of seed + i), calling `on_step(i)` as step i starts, before its model calls: a diffusion
+    model's sampler step, or an ECAR model's stage (AR once, then its head steps). Returns the
+    timesteps of the steps (ECAR: the stage indices)."""
+    from tqdm import tqdm
+
+    spec, n = model.spec, len(items)
+    if spec.family == "ecar":
+        from ..models.ecar import sample as sample_ecar, stage_noise
+
+        noise = stage_noise(model.cfg, seed, n)
+        n_steps = len(sampler["stage_steps"])
+
+        def run(sl, hook):
+            sample_ecar(model, items[sl], [z[sl] for z in noise], cfg_scale=sampler["guidance"],
+                        on_stage=hook)
+    else:
+        from ..models.sampling import sample
+        from ..runtime.pipeline import initial_noise
+
+        noise = initial_noise((spec.in_channels, spec.sample_size, spec.sample_size), seed, n)
+        cond, uncond, cmask, umask = encode_conditions(spec, items)
+        n_steps = sampler["steps"]
+
+        def run(sl, hook):
+            sample(model, noise[sl], cond[sl], uncond[sl], sampler["scheduler"], n_steps,
+                   sampler["guidance"], None if cmask is None else cmask[sl],
+                   None if umask is None else umask[sl], on_step=hook)
+    timesteps: list[int] = []
+    chunks = list(range(0, n, batch))
+    with tqdm(total=n_steps * len(chunks), desc=desc, unit="step", file=sys.stderr,
+              disable=not progress) as bar:
+        for c, start in enumerate(chunks):
+            def hook(i, t=None):
+                if i > 0:
+                    bar.update(1)
+                on_step(i)
+                if c == 0:
+                    timesteps.append(int(i if t is None else t))
+
+            run(slice(start, start + batch), hook)
+            bar.update(1)
+    return timesteps
 
 
 def read_cache(path: Path, load: Callable[[Path], Any], what: str, use_cache: bool,
@@ -332,111 +394,35 @@ def read_cache(path: Path, load: Callable[[Path], Any], what: str, use_cache: bo
     return value
 
 
-def collect_statistics(denoiser: Denoiser, items: Sequence | None = None, n_calib: int = 32,
+def collect_statistics(model, items: Sequence | None = None, n_calib: int = 32,
                        steps: int | None = None, guidance: float | None = None,
                        scheduler: dict | None = None, seed: int = CALIB_SEED,
                        budget: int = DEFAULT_BUDGET, batch: int = 16, use_cache: bool = True,
                        cache: str | Path | None = None, progress: bool = True,
                        log=None) -> Statistics:
     """Statistics of every quantizable layer over the FP sampler, from the cache when this
-    model (weights), data and sampler were seen before."""
-    from tqdm import tqdm
-
-    from ..models.sampling import sample
-    from ..runtime.pipeline import initial_noise
-
-    spec = denoiser.spec
+    model (weights), data and sampler were seen before. `model`: a Denoiser, or an ECAR
+    model from `load_ecar`, whose step s merges stage s's AR pass and all its head steps
+    (the activations the stage's graphs see): its timestep groups are stage groups."""
+    spec = model.spec
     items = list(items) if items is not None else calibration_items(spec, n_calib, seed=seed)
-    steps = int(steps or spec.steps)
-    guidance = float(spec.guidance if guidance is None else guidance)
-    scheduler = dict(scheduler or spec.scheduler)
-    key, doc = stats_key(denoiser, items, scheduler, steps, guidance, seed, budget)
+    sampler = sampler_config(model, steps, guidance, scheduler)
+    key, doc = stats_key(model, items, sampler, seed, budget)
     path = Path(cache or cache_dir()) / "stats" / f"{spec.name}-{key[:24]}.safetensors"
     cached = read_cache(path, Statistics.load, "statistics", use_cache, log)
     if cached is not None:
         return cached
 
-    modules = quantizable_modules(denoiser)
-    n = len(items)
-    noise = initial_noise((spec.in_channels, spec.sample_size, spec.sample_size), seed, n)
-    cond, uncond, cmask, umask = encode_conditions(spec, items)
-    timesteps: list[int] = []
-    chunks = list(range(0, n, batch))
-    rec = _Recorder(modules, steps, budget, seed)
-    with rec, tqdm(total=steps * len(chunks), desc=f"calibration statistics ({spec.name})",
-                   unit="step", file=sys.stderr, disable=not progress) as bar:
-        for c, start in enumerate(chunks):
-            sl = slice(start, start + batch)
-
-            def on_step(i, t):
-                if i > 0:
-                    bar.update(1)
-                rec.step = i
-                if c == 0:
-                    timesteps.append(int(t))
-
-            sample(denoiser, noise[sl], cond[sl], uncond[sl], scheduler, steps, guidance,
-                   None if cmask is None else cmask[sl], None if umask is None else umask[sl],
-                   on_step=on_step)
-            bar.update(1)
+    n_steps = len(sampler["stage_steps"]) if spec.family == "ecar" else sampler["steps"]
+    rec = _Recorder(quantizable_modules(model), n_steps, budget, seed)
+    with rec:
+        timesteps = run_sampler(model, items, sampler, seed, lambda i: setattr(rec, "step", i),
+                                f"calibration statistics ({spec.name})", progress, batch)
     absmax, rows, top = rec.all_rows.stacked(rec.all_rows.complete())
     stats = Statistics(timesteps, absmax, rows, top,
-                       {**{k: v for k, v in doc.items() if k != "data"}, "n_items": n, "key": key},
+                       {**{k: v for k, v in doc.items() if k != "data"}, "n_items": len(items),
+                        "key": key},
                        *rec.after_first.stacked(rec.after_first.complete()))
-    if use_cache:
-        stats.save(path)
-        if log:
-            log(f"statistics cached in {path}")
-    return stats
-
-
-def collect_ecar_statistics(model, items: Sequence | None = None, n_calib: int = 32,
-                            steps: int | None = None, guidance: float | None = None,
-                            seed: int = CALIB_SEED, budget: int = DEFAULT_BUDGET, batch: int = 16,
-                            use_cache: bool = True, cache: str | Path | None = None,
-                            progress: bool = True, log=None) -> Statistics:
-    """`collect_statistics` for an ECAR model (models/ecar.py, loaded by `load_ecar`): its
-    stage loop over class labels, with the stage index as the timestep: step s of the
-    statistics merges stage s's AR pass and all its head steps (the activations the stage's
-    graphs see), so timestep groups are stage groups. `steps` must be None: ECAR calibrates
-    along its own stage steps."""
-    from tqdm import tqdm
-
-    from ..models.ecar import sample, stage_noise
-
-    spec, cfg = model.spec, model.cfg
-    if steps is not None:
-        raise ValueError(f"{spec.name}: ECAR calibrates along its own stage steps "
-                         f"{list(cfg.stage_steps)} (no calibration steps)")
-    items = list(items) if items is not None else calibration_items(spec, n_calib, seed=seed)
-    guidance = float(cfg.cfg_scale if guidance is None else guidance)
-    doc = {"format": STATS_FORMAT, "model": spec.name, "weights": weights_hash(model),
-           "data": items, "noise_seed": seed, "stage_steps": list(cfg.stage_steps),
-           "guidance": guidance, "budget": budget}
-    key = hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
-    path = Path(cache or cache_dir()) / "stats" / f"{spec.name}-{key[:24]}.safetensors"
-    cached = read_cache(path, Statistics.load, "statistics", use_cache, log)
-    if cached is not None:
-        return cached
-    S = cfg.num_stages
-    noise = stage_noise(cfg, seed, len(items))
-    rec = _Recorder(quantizable_modules(model), S, budget, seed)
-    chunks = list(range(0, len(items), batch))
-    with rec, tqdm(total=S * len(chunks), desc=f"calibration statistics ({spec.name})",
-                   unit="stage", file=sys.stderr, disable=not progress) as bar:
-        for start in chunks:
-            def on_stage(s):
-                if s > 0:
-                    bar.update(1)
-                rec.step = s
-
-            sample(model, items[start:start + batch], [z[start:start + batch] for z in noise],
-                   cfg_scale=guidance, on_stage=on_stage)
-            bar.update(1)
-    absmax, rows, top = rec.all_rows.stacked(rec.all_rows.complete())
-    stats = Statistics(list(range(S)), absmax, rows, top,
-                       {**{k: v for k, v in doc.items() if k != "data"}, "steps": None,
-                        "scheduler": "ecar-multistage-euler", "n_items": len(items), "key": key})
     if use_cache:
         stats.save(path)
         if log:

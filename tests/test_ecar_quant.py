@@ -17,7 +17,7 @@ from effgen.calib.calibrate import calibrate, resolve_for_model
 from effgen.calib.plan import read_plan_file
 from effgen.calib.scales import load_scales
 from effgen.calib.simulate import quantize_, simulated_modules
-from effgen.calib.stats import collect_ecar_statistics, quantizable_modules
+from effgen.calib.stats import collect_statistics, quantizable_modules
 from effgen.exporter import qdq
 from effgen.exporter.ecar_export import export_ecar_bundle
 from effgen.metrics import psnr
@@ -48,7 +48,7 @@ def cache(tmp_path_factory):
 
 def test_statistics_have_one_step_per_stage_over_both_components_and_are_cached(model, cache):
     logs = []
-    stats = collect_ecar_statistics(model, n_calib=6, cache=cache, progress=False, log=logs.append)
+    stats = collect_statistics(model, n_calib=6, cache=cache, progress=False, log=logs.append)
     S = model.cfg.num_stages
     assert stats.timesteps == list(range(S))
     # ar.* and head.*; the AR's input embedding runs from stage 1 on (stage 0 has no prefix),
@@ -60,11 +60,11 @@ def test_statistics_have_one_step_per_stage_over_both_components_and_are_cached(
     # the first stage has one token per image: every stage's row sample is cut to its size
     rows = stats.rows["ar.blocks.0.attn.qkv"]
     assert rows.shape[0] == S and rows.shape[1] >= 1
-    again = collect_ecar_statistics(model, n_calib=6, cache=cache, progress=False, log=logs.append)
+    again = collect_statistics(model, n_calib=6, cache=cache, progress=False, log=logs.append)
     assert "from cache" in logs[-1]
     assert torch.equal(again.absmax["ar.blocks.1.mlp.fc2"], stats.absmax["ar.blocks.1.mlp.fc2"])
     with pytest.raises(ValueError, match="own stage steps"):
-        collect_ecar_statistics(model, n_calib=6, steps=4, cache=cache, progress=False)
+        collect_statistics(model, n_calib=6, steps=4, cache=cache, progress=False)
 
 
 def test_calibration_makes_stage_groups_and_the_simulation_follows_the_stage_loop(model, cache):
