@@ -337,14 +337,15 @@ def _label(p: LayerPrecision) -> str:
 
 
 # Techniques of samples/plans/w4a8.json (smoothing alpha 0.8 on the block Linears whose
-# activations the target quantizes, MSE-searched activation scales, 2 timestep groups) plus
-# MixDQ's BOS-aware text embedding. A constant here because the installed package does not
-# ship samples/.
+# activations the target quantizes, min-max activation scales, MSE-searched weight scales,
+# GPTQ weight rounding, 2 timestep groups) plus MixDQ's BOS-aware text embedding. A constant
+# here because the installed package does not ship samples/.
 DEFAULT_TECHNIQUES: dict[str, Any] = {
     "smoothing": {"alpha": 0.8,
                   "layers": [r"\.attn\d\.to_[qkv]$", r"\.attn\d\.to_out\.0$", r"\.ff\.net\.(0\.proj|2)$"]},
     "act_scale": {"method": "minmax"},
     "weight_scale": {"method": "mse"},
+    "weight_rounding": {"method": "gptq", "damp": 0.01},
     "timestep_grouping": {"k": 2},
     "bos_aware": True,
 }

@@ -16,6 +16,9 @@ Plan `techniques` read here (besides plan.py's smoothing/rotation layer regexes)
   act_scale: {method: "minmax" | "percentile" | "mse", percentile: 99.99}
   weight_scale: {method: "minmax" | "mse"} (mse: per row/block, the clipping of the absmax
              that minimises the weight error weighted by the input channel's squared absmax)
+  weight_rounding: {method: "nearest" | "gptq", damp: 0.01} (gptq: calib/gptq.py, the
+             integer weights of every quantized Linear rounded with error feedback along
+             the Hessian of its inputs over the FP sampler; written as `L.w_codes`)
   timestep_grouping: {k: K} (equal contiguous groups) | {tolerance: 0.1} (ranges agree)
   bos_aware: true | false (default false): MixDQ's BOS-aware text embedding (calib/bos.py):
              in the layers that read the text-token sequence (PixArt's caption_projection
@@ -37,6 +40,7 @@ import torch
 from ..models.ecar import DEFAULT_FP as ECAR_DEFAULT_FP
 from .balance import hadamard, rotated_layers, smooth_weight, smoothing_alphas, smoothing_vector
 from .bos import first_token_layers
+from .gptq import DEFAULT_DAMP, collect_hessians, gptq_codes, transform_hessian
 from .plan import Plan, PlanError, resolve_plan
 from .quantizers import ACT_METHODS, WEIGHT_METHODS, search_amax, weight_scale
 from .scales import key
@@ -93,6 +97,19 @@ def _weight_scale_config(techniques: dict[str, Any]) -> str:
     return method
 
 
+def _rounding_config(techniques: dict[str, Any]) -> tuple[str, float]:
+    cfg = techniques.get("weight_rounding") or {}
+    if not isinstance(cfg, dict) or set(cfg) - {"method", "damp"}:
+        raise PlanError("techniques.weight_rounding: expected an object {method, damp}")
+    method = cfg.get("method", "nearest")
+    if method not in ("nearest", "gptq"):
+        raise PlanError(f"techniques.weight_rounding.method: {method!r} is not nearest or gptq")
+    damp = cfg.get("damp", DEFAULT_DAMP)
+    if isinstance(damp, bool) or not isinstance(damp, (int, float)) or not 0 < damp < 1:
+        raise PlanError(f"techniques.weight_rounding.damp: expected a number in (0, 1), got {damp!r}")
+    return method, float(damp)
+
+
 def _grouping_config(techniques: dict[str, Any]) -> dict[str, Any]:
     cfg = techniques.get("timestep_grouping") or {}
     if not isinstance(cfg, dict) or len(set(cfg) & {"k", "tolerance"}) > 1 or set(cfg) - {"k", "tolerance"}:
@@ -121,6 +138,7 @@ def resolve_for_model(denoiser, raw: dict[str, Any], target: str | None = None) 
         plan.provenance = {**plan.provenance, "plan_written_for": source_model}
     _act_scale_config(plan.techniques)
     _weight_scale_config(plan.techniques)
+    _rounding_config(plan.techniques)
     _grouping_config(plan.techniques)
     quantized = plan.quantized()
     smoothing_alphas(plan.techniques, quantized)
@@ -219,6 +237,12 @@ def calibrate(denoiser, plan_raw: dict[str, Any], target: str | None = None, *,
     rotated = rotated_layers(plan.techniques, {n: (module_kind(modules[n]), in_features(modules[n]))
                                                for n, e in effective.items() if not e.is_fp})
     first_token = set(first_token_layers(plan.techniques, effective))
+    rounding, damp = _rounding_config(plan.techniques)
+    gptq_layers = [n for n, e in effective.items()
+                   if e.w_bits < 16 and isinstance(modules[n], torch.nn.Linear)] if rounding == "gptq" else []
+    hessians = collect_hessians(denoiser, gptq_layers, items=items, n_calib=n_calib, steps=steps,
+                                guidance=guidance, use_cache=use_cache, cache=cache,
+                                progress=progress, log=log) if gptq_layers else {}
     scales: dict[str, torch.Tensor] = {}
     for name, eff in sorted(effective.items()):
         if eff.is_fp:
@@ -243,6 +267,10 @@ def calibrate(denoiser, plan_raw: dict[str, Any], target: str | None = None, *,
                 importance = (absmax.amax(dim=0) / (s if s is not None else 1.0)) ** 2
             scales[key(name, "w_scale")] = weight_scale(w, eff.w_bits, eff.w_granularity,
                                                         w_method, importance)
+            if name in hessians:
+                H = transform_hessian(hessians[name], s, rot)
+                scales[key(name, "w_codes")] = gptq_codes(w, H, eff.w_bits,
+                                                          scales[key(name, "w_scale")], damp)
         if eff.a_bits < 16:
             scales[key(name, "a_amax")] = activation_amax(stats, name, plan.timestep_groups,
                                                           eff.a_bits, method, pct, s, rot,
@@ -258,7 +286,7 @@ def calibrate(denoiser, plan_raw: dict[str, Any], target: str | None = None, *,
                         "steps": stats.meta.get("steps"), "guidance": stats.meta.get("guidance"),
                         "scheduler": stats.meta.get("scheduler"), "noise_seed": stats.meta.get("noise_seed"),
                         "sampler_timesteps": list(stats.timesteps), "act_scale": method,
-                        "weight_scale": w_method,
+                        "weight_scale": w_method, "weight_rounding": rounding,
                         **({"percentile": pct} if method == "percentile" else {})},
     }
     return plan, scales

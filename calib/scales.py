@@ -8,6 +8,8 @@ Tensors, per quantized layer `L` (module path):
                rotation: the amax of the tensor that is really quantized)
   `L.smooth`   (in,) smoothing vector s: the shipped weight is W diag(s) (then rotated,
                when the plan rotates L), the activation is multiplied by 1/s
+  `L.w_codes`  int8 (out, K) integer weights on the `w_scale` grid, where the plan rounds
+               weights by GPTQ (calib/gptq.py): used as they are instead of rounding
 Metadata: `format`, `plan_sha256` (sha256 of the canonical JSON of the resolved plan the
 scales belong to), `model`, `target`, `timestep_groups` (JSON).
 """
@@ -28,7 +30,7 @@ from .plan import Plan
 FORMAT = "effgen.scales/1"
 SCALES_FILE = "scales.safetensors"
 PLAN_FILE = "plan.json"
-SUFFIXES = ("w_scale", "a_amax", "smooth")
+SUFFIXES = ("w_scale", "a_amax", "smooth", "w_codes")
 
 
 class ScalesError(ValueError):
@@ -77,7 +79,8 @@ def save_scales(path: str | Path, scales: dict[str, torch.Tensor], plan: Plan) -
         split_key(k)
     meta = {"format": FORMAT, "plan_sha256": plan_hash(plan), "model": plan.model,
             "target": plan.target, "timestep_groups": json.dumps([list(g) for g in plan.timestep_groups])}
-    tensors = {k: v.detach().float().contiguous().cpu() for k, v in sorted(scales.items())}
+    tensors = {k: (v.detach().to(torch.int8) if k.endswith(".w_codes") else v.detach().float())
+               .contiguous().cpu() for k, v in sorted(scales.items())}
     _atomic_write_bytes(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
     return path
 

@@ -13,11 +13,13 @@ from __future__ import annotations
 import dataclasses
 from typing import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from . import scales as scales_mod
 from .balance import hadamard, rotate_weight, rotated_layers, smooth_weight
+from .gptq import dequantize_codes
 from .bos import TOKEN_AXIS, first_token_layers
 from .plan import LayerPrecision, Plan
 from .quantizers import fake_quant_per_tensor, fake_quant_per_token, quantize_weight
@@ -66,6 +68,7 @@ class SimConfig:
     smooth: torch.Tensor | None = None  # (in,)
     rotate: bool = False
     keep_first_token: bool = False  # BOS-aware: token 0's activation is not quantized
+    w_codes: torch.Tensor | None = None  # GPTQ's integer weights (out, K), used as they are
 
 
 class _SimBase(torch.nn.Module):
@@ -80,7 +83,9 @@ class _SimBase(torch.nn.Module):
         self.register_buffer("hadamard", hadamard(w.shape[1]) if cfg.rotate else None)
         if cfg.rotate:
             w = rotate_weight(w, self.hadamard)
-        if cfg.precision.w_bits < 16:
+        if cfg.w_codes is not None:
+            w = dequantize_codes(cfg.w_codes, cfg.w_scale, w.shape)
+        elif cfg.precision.w_bits < 16:
             w = quantize_weight(w, cfg.precision.w_bits, cfg.precision.w_granularity, cfg.w_scale)
         self.register_buffer("weight", w)
         self.register_buffer("bias", None if bias is None else bias.detach().float())
@@ -181,8 +186,15 @@ def layer_configs(denoiser: torch.nn.Module, plan: Plan, scales: dict[str, torch
                 raise scales_mod.ScalesError(
                     f"scales: {name}.a_amax must have one value per timestep group ({G}), got "
                     f"{None if a_amax is None else tuple(a_amax.shape)}")
+        codes = scales.get(scales_mod.key(name, "w_codes"))
+        if codes is not None:
+            shape = tuple(modules[name].weight.shape)
+            if eff.w_bits >= 16 or tuple(codes.shape) != (shape[0], int(np.prod(shape[1:]))):
+                raise scales_mod.ScalesError(
+                    f"scales: {name}.w_codes has shape {tuple(codes.shape)}, the weight "
+                    f"{shape} at {eff.w_bits} bits")
         out[name] = SimConfig(eff, w_scale, a_amax, scales.get(scales_mod.key(name, "smooth")),
-                              name in rotated, name in first_token)
+                              name in rotated, name in first_token, codes)
     return out
 
 

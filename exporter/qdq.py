@@ -321,13 +321,14 @@ def rotate_weight(layer: Layer, h: np.ndarray) -> None:
     _set_weight(layer, rotated, "_rotated")
 
 
-def quantize_weight(layer: Layer, bits: int, granularity: str, w_scale) -> None:
+def quantize_weight(layer: Layer, bits: int, granularity: str, w_scale, codes=None) -> None:
     """Replace the FP weight by an int8 (per output channel) or int4 (blockwise along K)
     initializer and a DequantizeLinear, with the scales as given (the scales file's
     `L.w_scale`: (out,) or (out, K // block)). An int4 per-channel weight is written as
     blocks along K that repeat the channel's scale (identical numbers; TensorRT and ONNX
     Runtime want INT4 blocked). `bits=7` (ONNX Runtime CPU, see calib.targets): int8 storage
-    of the grid [-64, 63]. Weights are signed on every target."""
+    of the grid [-64, 63]. Weights are signed on every target. `codes`: the scales file's
+    `L.w_codes` (out, K), GPTQ's integer weights, stored as they are instead of rounding."""
     gs = _gs()
     if not isinstance(layer.node.inputs[1], gs.Constant):
         raise QdqError(f"{layer.module}: the weight is already quantized")
@@ -349,6 +350,12 @@ def quantize_weight(layer: Layer, bits: int, granularity: str, w_scale) -> None:
             raise QdqError(f"{m}.w_scale has shape {scale.shape}, {granularity} needs "
                            f"({n_out}, {k // block if block else '?'})")
     scale = np.maximum(scale, np.float32(EPS / qmax)).astype(np.float32)
+    if codes is not None:  # (out, K) as PyTorch holds the weight -> the stored layout
+        codes = _np(codes).astype(np.int8)
+        if codes.shape != (n_out, k) or codes.min() < -qmax - 1 or codes.max() > qmax:
+            raise QdqError(f"{m}.w_codes: shape {codes.shape} or values off the {bits}-bit "
+                           f"grid for a weight of {n_out} x {k}")
+        codes = codes.reshape(w.shape) if out_axis == 0 else codes.T.reshape(w.shape)
     dq_inputs: list = []
     attrs: dict[str, int] = {}
     if bits in (7, 8):
@@ -356,7 +363,8 @@ def quantize_weight(layer: Layer, bits: int, granularity: str, w_scale) -> None:
         bshape[out_axis] = n_out
         if scale.ndim != 1:
             raise QdqError(f"{m}: int8 weights are quantized per output channel, not {granularity}")
-        q = np.clip(np.round(w / scale.reshape(bshape)), -qmax - 1, qmax).astype(np.int8)
+        q = codes if codes is not None else np.clip(
+            np.round(w / scale.reshape(bshape)), -qmax - 1, qmax).astype(np.int8)
         zp = np.zeros(n_out, np.int8)
         data = _const(f"{m}.weight_quantized", q)
         dq_inputs = [data, _const(f"{m}.weight_scale", scale), _const(f"{m}.weight_zero_point", zp)]
@@ -370,7 +378,8 @@ def quantize_weight(layer: Layer, bits: int, granularity: str, w_scale) -> None:
         # scale (out, K // block) -> laid out like the stored weight, blocked along K.
         s_stored = scale.T if out_axis == 1 else scale
         s_full = np.repeat(s_stored, block, axis=k_axis)
-        q = np.clip(np.round(w / s_full), -qmax - 1, qmax).astype(np.int8)
+        q = codes if codes is not None else np.clip(
+            np.round(w / s_full), -qmax - 1, qmax).astype(np.int8)
         from onnx_graphsurgeon.ir.tensor import LazyValues
 
         data = gs.Constant(f"{m}.weight_quantized", LazyValues(int4_tensor(f"{m}.weight_quantized", q)))
@@ -857,7 +866,7 @@ def lower(model: onnx.ModelProto, plan: Plan, scales: Mapping[str, Any], target:
             w_scale = _scale(scales, m, "w_scale")
             if w_scale is None:
                 raise QdqError(f"scales: no {m}.w_scale for a {eff.w_bits}-bit weight")
-            quantize_weight(layer, eff.w_bits, eff.w_granularity, w_scale)
+            quantize_weight(layer, eff.w_bits, eff.w_granularity, w_scale, _scale(scales, m, "w_codes"))
         # ORT must open every target's Q/DQ graphs (trt bundles run on ORT too); the integer
         # form of integer_matmuls takes a 1-D bias itself.
         if eff.w_bits in (7, 8) and not by_timestep:
