@@ -7,8 +7,11 @@ default sampling settings.
 Methods: `ecar` (ecar-ref: multistage flow, 4 stages 1-2-4-8 tokens per side, 4 head steps per
 stage), `dit` (dit-ref: 20 DPM-Solver++ steps), and the ECAR baselines `ecar-flowar` (every
 stage denoised fully from noise) and `ecar-single-stage` (plain flow matching at full
-resolution) — a baseline whose weights are missing is left out with a note. All use
-classifier-free guidance (batch of two per call).
+resolution) — a baseline whose weights are missing is left out with a note — and
+`ecar-w8a8`: ecar-ref quantized by samples/plans/w8a8.json for ONNX Runtime CPU (both
+components, 2 stage groups; calibration statistics cached), scored against the FP ECAR's
+images too (`psnr`, `ssim`). All use classifier-free guidance (batch of two per call).
+weight_bytes: the bundle's weight files.
 
 - gflops_per_image: models/flops.py (analytic, multiply-add = 2 FLOPs, CFG included).
 - image_ms: median wall time of generating one image (all stages/steps, CFG), the methods
@@ -24,14 +27,18 @@ as measured.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
 from pathlib import Path
 
-METHODS = {"ecar": "ecar-ref", "dit": "dit-ref", "ecar-flowar": "ecar-flowar-ref",
-           "ecar-single-stage": "ecar-single-stage-ref"}
+PLANS = Path(__file__).resolve().parent / "plans"
+# method -> (model, plan of a quantized export on ONNX Runtime CPU, or None for FP)
+METHODS = {"ecar": ("ecar-ref", None), "dit": ("dit-ref", None),
+           "ecar-flowar": ("ecar-flowar-ref", None),
+           "ecar-single-stage": ("ecar-single-stage-ref", None),
+           "ecar-w8a8": ("ecar-ref", PLANS / "w8a8.json")}
+QUANT_TARGET = "ort-cpu"
 
 
 def weights_metadata(spec) -> dict:
@@ -46,19 +53,25 @@ def weights_metadata(spec) -> dict:
         return dict(f.metadata() or {})
 
 
-def export(model: str, build: Path, reuse: bool) -> Path:
+def export(method: str, build: Path, reuse: bool) -> Path:
     from effgen.exporter.export import export_bundle
     from effgen.runtime.bundle import Bundle
 
-    out = build / model
+    model, plan = METHODS[method]
+    out = build / method
     if reuse and (out / "manifest.json").is_file():
         try:
             Bundle.load(out)
             return out
         except Exception:  # stale or broken: export again
             pass
-    export_bundle(model, out, log=lambda m: print(m, file=sys.stderr))
+    quantize = None if plan is None else {"plan": plan, "target": QUANT_TARGET}
+    export_bundle(model, out, log=lambda m: print(m, file=sys.stderr), quantize=quantize)
     return out
+
+
+def weight_bytes(bundle: Path) -> int:
+    return sum(f.stat().st_size for f in bundle.glob("*.weights"))
 
 
 def latency(pipes: dict, n: int, threads: int) -> dict[str, float]:
@@ -78,11 +91,13 @@ def latency(pipes: dict, n: int, threads: int) -> dict[str, float]:
 
 def markdown(rows: list[dict]) -> str:
     head = "| method | model | GFLOPs/image | ms/image | fd | class acc | train steps |"
-    lines = [head, "|---|---|---:|---:|---:|---:|---:|"]
+    head = head[:-1] + " weight MB | PSNR vs FP |"
+    lines = [head, "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
+        db = "-" if r.get("psnr") is None else f"{r['psnr']:.1f}"
         lines.append(f"| {r['method']} | {r['model']} | {r['gflops_per_image']:.3f} | "
                      f"{r['image_ms']:.1f} | {r['fd']:.2f} | {r['class_acc']:.3f} | "
-                     f"{r.get('train_steps', '?')} |")
+                     f"{r.get('train_steps', '?')} | {r['weight_bytes'] / 1e6:.2f} | {db} |")
     return "\n".join(lines)
 
 
@@ -94,9 +109,15 @@ def verdict(rows: list[dict]) -> list[str]:
     fl, lat, fd = (d["gflops_per_image"] / e["gflops_per_image"], d["image_ms"] / e["image_ms"],
                    e["fd"] / d["fd"])
     ok = lambda b: "holds" if b else "DOES NOT HOLD"  # noqa: E731
-    return [f"FLOPs: ECAR {fl:.2f}x fewer than DiT (bar >= 5x): {ok(fl >= 5)}",
-            f"latency: ECAR {lat:.2f}x lower than DiT (bar >= 3x): {ok(lat >= 3)}",
-            f"fd: ECAR {e['fd']:.2f} vs DiT {d['fd']:.2f} = {fd:.2f}x (bar <= 1.10x): {ok(fd <= 1.10)}"]
+    out = [f"FLOPs: ECAR {fl:.2f}x fewer than DiT (bar >= 5x): {ok(fl >= 5)}",
+           f"latency: ECAR {lat:.2f}x lower than DiT (bar >= 3x): {ok(lat >= 3)}",
+           f"fd: ECAR {e['fd']:.2f} vs DiT {d['fd']:.2f} = {fd:.2f}x (bar <= 1.10x): {ok(fd <= 1.10)}"]
+    if "ecar-w8a8" in by:
+        q = by["ecar-w8a8"]
+        out.append(f"ECAR W8A8 ({QUANT_TARGET}) vs FP ECAR: latency {q['image_ms'] / e['image_ms']:.2f}x, "
+                   f"weight bytes {q['weight_bytes'] / e['weight_bytes']:.2f}x, PSNR {q['psnr']:.1f} dB, "
+                   f"fd {q['fd']:.2f} vs {e['fd']:.2f}")
+    return out
 
 
 def main(argv=None) -> int:
@@ -122,11 +143,11 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     methods, notes, bundles = [], [], {}
     for method in args.methods:
-        spec = get_spec(METHODS[method])
+        spec = get_spec(METHODS[method][0])
         if not weights_metadata(spec):
             notes.append(f"{method}: no trained weights ({spec.weights}); left out")
             continue
-        bundles[method] = export(spec.name, args.build, args.reuse)
+        bundles[method] = export(method, args.build, args.reuse)
         methods.append(method)
     pipes = {m: load_pipeline(bundles[m], threads=args.threads) for m in methods}
     print(f"timing {args.latency_images} images per method ...", file=sys.stderr)
@@ -135,17 +156,22 @@ def main(argv=None) -> int:
 
     rows = []
     for method in methods:
-        spec = get_spec(METHODS[method])
+        model, plan = METHODS[method]
+        spec = get_spec(model)
         meta = weights_metadata(spec)
         f = flops.per_image(spec)
-        q = metrics.evaluate_bundle(bundles[method], n_images=args.n_images, seed=args.seed,
-                                    threads=args.threads)
+        # a quantized row is scored against its FP model's images too (same noise)
+        reference = bundles.get("ecar") if plan is not None else None
+        q = metrics.evaluate_bundle(bundles[method], reference=reference, n_images=args.n_images,
+                                    seed=args.seed, threads=args.threads)
         rows.append({
             "model": spec.name, "method": method,
             "gflops_per_image": f["flops"] / 1e9,
             "gflops_per_image_no_cfg": flops.per_image(spec, guidance=False)["flops"] / 1e9,
             "gflops_components": {k: v / 1e9 for k, v in f["components"].items()},
             "image_ms": image_ms[method], "fd": q["fd"], "class_acc": q["class_acc"],
+            "psnr": q["psnr"], "ssim": q["ssim"], "weight_bytes": weight_bytes(bundles[method]),
+            "plan": None if plan is None else plan.name,
             "steps": q["steps"], "guidance": q["guidance"], "n_images": q["n_images"],
             "train_steps": int(meta.get("steps", 0)), "train_minutes": meta.get("train_minutes"),
             "threads": args.threads,
