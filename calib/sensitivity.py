@@ -341,7 +341,9 @@ def measure_sensitivity(denoiser, techniques: dict[str, Any] | None = None, targ
     for p in cands:
         raw = {"format": FORMAT, "model": spec.name, "target": target, "techniques": techniques,
                "layers": {n: p.to_json() for n in layers}}
-        calibrated.append(calibrate(denoiser, raw, target, stats=stats, progress=False))
+        # n_calib and the cache also serve GPTQ's Hessians (one sampler pass for all candidates)
+        calibrated.append(calibrate(denoiser, raw, target, stats=stats, n_calib=n_calib,
+                                    use_cache=use_cache, cache=cache, progress=False))
     groups = calibrated[0][0].timestep_groups
     modules = quantizable_modules(denoiser)
     effective = {n: [LayerPrecision(**plan.provenance["effective"][n]) for plan, _ in calibrated]
