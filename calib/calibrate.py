@@ -223,7 +223,8 @@ def calibrate(denoiser, plan_raw: dict[str, Any], target: str | None = None, *,
                                    progress=progress, log=log)
     missing = [n for n, e in effective.items() if not e.is_fp and n not in stats.absmax]
     if missing:
-        raise ValueError(f"no statistics for {missing[0]} (the FP sampler never ran it)")
+        raise ValueError(f"no statistics for {missing[0]} (the FP sampler did not run it at "
+                         "every step; an ECAR layer must run at every stage)")
     act_layers = [n for n, e in effective.items() if e.a_bits < 16]
     n_train = _num_train_timesteps(denoiser)
     plan.timestep_groups = choose_timestep_groups(plan, stats, act_layers or list(stats.absmax),
@@ -238,11 +239,14 @@ def calibrate(denoiser, plan_raw: dict[str, Any], target: str | None = None, *,
                                                for n, e in effective.items() if not e.is_fp})
     first_token = set(first_token_layers(plan.techniques, effective))
     rounding, damp = _rounding_config(plan.techniques)
-    gptq_layers = [n for n, e in effective.items()
-                   if e.w_bits < 16 and isinstance(modules[n], torch.nn.Linear)] if rounding == "gptq" else []
-    hessians = collect_hessians(denoiser, gptq_layers, items=items, n_calib=n_calib, steps=steps,
-                                guidance=guidance, use_cache=use_cache, cache=cache,
-                                progress=progress, log=log) if gptq_layers else {}
+    hessians: dict[str, torch.Tensor] = {}
+    if rounding == "gptq":  # GPTQ rounds Linear weights; a Conv keeps nearest rounding
+        gptq_layers = [n for n, e in effective.items()
+                       if e.w_bits < 16 and isinstance(modules[n], torch.nn.Linear)]
+        if gptq_layers:
+            hessians = collect_hessians(denoiser, gptq_layers, items=items, n_calib=n_calib,
+                                        steps=steps, guidance=guidance, use_cache=use_cache,
+                                        cache=cache, progress=progress, log=log)
     scales: dict[str, torch.Tensor] = {}
     for name, eff in sorted(effective.items()):
         if eff.is_fp:

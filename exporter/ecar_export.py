@@ -8,16 +8,16 @@ class labels, and returns `z` for stage s's tokens only. `head` takes the stage'
 `x_t`, the time `t` and `z`, and returns `velocity`.
 
 The graphs of one component share one external weight file (`ar.weights`, `head.weights`):
-tensors with the same bytes are stored once (DESIGN §4).
+tensors with the same bytes are stored once (DESIGN §4). The model entry carries the whole
+ECAR config plus the derived schedule (stage time ranges, renoise coefficients) the runtime
+applies, so the runtime does no schedule maths of its own.
 
 Quantized (`--plan`/`--scales`): one plan covers both components (module paths `ar.*`,
 `head.*`); its timestep groups are stage groups. Every stage graph is lowered with its stage
 group's activation scales as constants, on every target (a stage graph runs one stage only,
 so ONNX Runtime CPU needs no in-graph scale selection either), and checked against the
 PyTorch simulation of that stage; the quantized weights, the same bytes in every stage graph,
-are stored once. The model entry carries the whole
-ECAR config plus the derived schedule (stage time ranges, renoise coefficients) the runtime
-applies, so the runtime does no schedule maths of its own.
+are stored once.
 """
 
 from __future__ import annotations
