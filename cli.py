@@ -517,8 +517,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="latency per denoiser step and per image, memory, weight bytes",
                        description="Measure a bundle on ONNX Runtime: median latency of one "
-                       "denoiser call and of one whole image, peak resident memory and the "
-                       "bytes of its weights.")
+                       "denoiser call (ECAR: one head call of the last stage) and of one whole "
+                       "image, peak resident memory and the bytes of its weights.")
     b.add_argument("bundle", type=Path)
     b.add_argument("--steps", type=int, default=None, help="sampler steps per image")
     b.add_argument("--images", type=int, default=2, help="images timed")

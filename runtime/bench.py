@@ -77,9 +77,50 @@ def profile_denoiser(bundle: Bundle, feeds: dict[str, np.ndarray], timestep: flo
         return op_times(trace)
 
 
+def _timed(fn, repeat: int) -> float:
+    """Median milliseconds of `repeat` calls of `fn` after one warm-up call."""
+    fn()
+    ms = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        ms.append((time.perf_counter() - t0) * 1e3)
+    return round(statistics.median(ms), 3)
+
+
+def bench_stages(bundle: Bundle, path: str | Path, steps: int | None, images: int, repeat: int,
+                 threads: int, backend: str) -> dict:
+    """`bench_bundle` for an ECAR bundle: `step_ms` is one head call of the last stage (one
+    flow step at full resolution, the graph's fixed batch: a CFG pair), `image_ms` the whole
+    stage loop of one image."""
+    from .stage_pipeline import StagePipeline
+
+    pipe = StagePipeline(bundle, backend=backend, threads=threads)
+    last = pipe.num_stages - 1
+    rng = np.random.default_rng(0)
+    feeds = {i["name"]: rng.standard_normal(i["shape"]).astype(i["dtype"])
+             for i in bundle.component("head")["variants"][last]["inputs"]}
+    stage_steps = pipe.resolve_steps(steps)
+    n = pipe.model["num_classes"]
+    image = lambda: pipe.generate(num_images=1, seed=0, class_label=[1 % n], steps=stage_steps)  # noqa: E731
+    return {
+        "bundle": str(path), "model": pipe.model["name"], "backend": backend, "threads": threads,
+        "batch": int(feeds["x_t"].shape[0]), "steps": sum(stage_steps),
+        "step_ms": _timed(lambda: pipe.head.run(feeds, last), repeat),
+        "image_ms": _timed(image, images) if images else None,
+        "peak_mb": round(peak_rss_mb(), 1),
+        "weight_bytes": weight_bytes(bundle),
+    }
+
+
 def bench_bundle(path: str | Path, steps: int | None = None, images: int = 2, repeat: int = 10,
                  threads: int = 0, backend: str = "ort", profile: bool = False) -> dict:
     bundle = Bundle.load(path)
+    if bundle.model["family"] == "ecar":
+        if profile:
+            raise ValueError("--profile times one denoiser call of a pixart or dit bundle; "
+                             "an ECAR bundle has none")
+        return bench_stages(bundle, path, steps, images, repeat, threads, backend)
     pipe = DenoisePipeline(bundle, backend=backend, threads=threads)
     steps = steps or bundle.manifest["sampling"]["steps"]
     m = pipe.model

@@ -146,6 +146,14 @@ def test_cli_quantized_ecar_export_check_and_generate(tmp_path, monkeypatch, cap
     assert "follow their targets' rules" in capsys.readouterr().out
     assert cli.main(["generate", str(out), "--class-label", "2", "--out", str(tmp_path / "png")]) == 0
     assert (tmp_path / "png" / "000.png").is_file()
+    bench = tmp_path / "bench.json"
+    assert cli.main(["bench", str(out), "--images", "1", "--repeat", "2", "--threads", "1",
+                     "--json", str(bench)]) == 0
+    result = json.loads(bench.read_text())
+    assert result["step_ms"] > 0 and result["image_ms"] > 0 and result["steps"] == 6
+    assert result["weight_bytes"] > (out / "ar.weights").stat().st_size
+    assert cli.main(["bench", str(out), "--profile"]) == 2
+    assert "ECAR bundle has none" in capsys.readouterr().err
     # effgen calib writes plan + scales; an export from them calibrates nothing
     cal = tmp_path / "cal"
     assert cli.main(["calib", "ecar-tiny", "--plan", W8A8, "--n-calib", "4", "--out", str(cal)]) == 0
