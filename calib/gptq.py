@@ -127,7 +127,10 @@ def collect_hessians(model, layers: Sequence[str], items: Sequence | None = None
     from .scales import _atomic_write_bytes
 
     spec = model.spec
-    modules = {n: m for n, m in model.named_modules() if n in set(layers)}
+    wanted = set(layers)
+    modules = {n: m for n, m in model.named_modules() if n in wanted}
+    if len(modules) != len(wanted):
+        raise ValueError(f"no module {sorted(wanted - set(modules))[0]} in {spec.name}")
     not_linear = [n for n, m in modules.items() if not isinstance(m, torch.nn.Linear)]
     if not_linear:
         raise ValueError(f"GPTQ rounds Linear weights; {not_linear[0]} is not a Linear")
