@@ -165,6 +165,9 @@ def cmd_eval(args) -> int:
         value = result[key]
         text = "-" if value is None else (f"{value:.4f}" if isinstance(value, float) else str(value))
         print(f"  {label:>26}: {text}")
+    if result.get("acc_by_attribute"):
+        print(f"  {'acc per attribute':>26}: "
+              + ", ".join(f"{k} {v:.2f}" for k, v in result["acc_by_attribute"].items()))
     if args.json:
         write_json(args.json, result)
         print(f"wrote {args.json}")

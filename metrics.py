@@ -149,18 +149,23 @@ def frechet_distance(feats_a: np.ndarray, feats_b: np.ndarray) -> float:
     return max(fd, 0.0)  # a distance: round-off below zero reads 0
 
 
-def attribute_accuracy(images: np.ndarray, attrs: Sequence[refdata.Attributes]) -> float:
+def _predicted(images: np.ndarray, n_wanted: int, predicted: dict | None) -> dict[str, np.ndarray]:
+    from .models.classifier import predict
+
+    if len(images) != n_wanted:
+        raise ValueError(f"got {len(images)} images for {n_wanted} conditions")
+    if len(images) == 0:
+        raise ValueError("no images to score")
+    return predict(images) if predicted is None else predicted
+
+
+def attribute_accuracy(images: np.ndarray, attrs: Sequence[refdata.Attributes],
+                       predicted: dict | None = None) -> float:
     """Fraction of images whose shape, colour AND position (the classifier's reading) all
     match the requested attributes. Size and background are not scored: they are the
     attributes least tied to what quantization damages, and the shape/colour/position triple
-    is what the held-out split tests."""
-    from .models.classifier import predict
-
-    if len(images) != len(attrs):
-        raise ValueError(f"got {len(images)} images for {len(attrs)} attribute sets")
-    if len(images) == 0:
-        raise ValueError("no images to score")
-    predicted = predict(images)
+    is what the held-out split tests. `predicted`: the classifier's reading, if already made."""
+    predicted = _predicted(images, len(attrs), predicted)
     wanted = refdata.labels_of(list(attrs))
     ok = np.ones(len(images), bool)
     for key in ("shape", "colour", "position"):
@@ -168,18 +173,20 @@ def attribute_accuracy(images: np.ndarray, attrs: Sequence[refdata.Attributes]) 
     return float(ok.mean())
 
 
-def class_accuracy(images: np.ndarray, class_ids: Sequence[int]) -> float:
+def class_accuracy(images: np.ndarray, class_ids: Sequence[int],
+                   predicted: dict | None = None) -> float:
     """Fraction of images whose predicted (shape, colour) is the refdata class asked for."""
-    from .models.classifier import predict
-
     class_ids = np.asarray(class_ids, np.int64)
-    if len(images) != len(class_ids):
-        raise ValueError(f"got {len(images)} images for {len(class_ids)} class ids")
-    if len(images) == 0:
-        raise ValueError("no images to score")
-    predicted = predict(images)
+    predicted = _predicted(images, len(class_ids), predicted)
     predicted_class = predicted["shape"] * len(refdata.COLOURS) + predicted["colour"]
     return float((predicted_class == class_ids).mean())
+
+
+def accuracy_by_attribute(predicted: dict[str, np.ndarray],
+                          wanted: dict[str, np.ndarray]) -> dict[str, float]:
+    """Fraction of images right in each attribute asked for (which one a model or its
+    quantization loses: shape, colour, position, ...)."""
+    return {k: float((predicted[k] == v).mean()) for k, v in wanted.items()}
 
 
 def evaluate(images: np.ndarray, reference_images: np.ndarray | None = None,
@@ -191,10 +198,11 @@ def evaluate(images: np.ndarray, reference_images: np.ndarray | None = None,
     `psnr`, `ssim`: means over images against `reference_images` (same noise, FP model);
     `fd`: Fréchet distance of classifier features against `real_images`;
     `attr_acc`: against `attrs` (text-conditioned models); `class_acc`: against `class_ids`;
-    `n_images`. The mean PSNR is inf when an image equals its reference exactly."""
+    `acc_by_attribute`: each attribute's accuracy (with attrs or class ids); `n_images`. The mean PSNR is inf when an image equals its reference exactly."""
     images = np.asarray(images)
     result: dict[str, Any] = {"psnr": None, "ssim": None, "fd": None, "attr_acc": None,
-                              "class_acc": None, "n_images": int(len(images))}
+                              "class_acc": None, "acc_by_attribute": None,
+                              "n_images": int(len(images))}
     if reference_images is not None:
         result["psnr"] = float(np.mean(psnr(images, reference_images)))
         result["ssim"] = float(np.mean(ssim(images, reference_images)))
@@ -202,10 +210,19 @@ def evaluate(images: np.ndarray, reference_images: np.ndarray | None = None,
         from .models.classifier import features
 
         result["fd"] = frechet_distance(features(images), features(real_images))
-    if attrs is not None:
-        result["attr_acc"] = attribute_accuracy(images, attrs)
-    if class_ids is not None:
-        result["class_acc"] = class_accuracy(images, class_ids)
+    if attrs is not None or class_ids is not None:
+        from .models.classifier import predict
+
+        predicted = predict(images)
+        if attrs is not None:
+            result["attr_acc"] = attribute_accuracy(images, attrs, predicted)
+            result["acc_by_attribute"] = accuracy_by_attribute(predicted, refdata.labels_of(list(attrs)))
+        if class_ids is not None:
+            result["class_acc"] = class_accuracy(images, class_ids, predicted)
+            if attrs is None:
+                shape, colour = np.divmod(np.asarray(class_ids, np.int64), len(refdata.COLOURS))
+                result["acc_by_attribute"] = accuracy_by_attribute(
+                    predicted, {"shape": shape, "colour": colour})
     return result
 
 

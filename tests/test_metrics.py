@@ -216,6 +216,8 @@ def test_eval_of_a_bundle_against_itself(dit_bundle, tmp_path, capsys):
     assert result["ssim"] == pytest.approx(1.0)
     assert result["attr_acc"] is None  # class-conditional: no prompt to match positions with
     assert 0.0 <= result["class_acc"] <= 1.0
+    by = result["acc_by_attribute"]  # a class is a shape and a colour: both must be right
+    assert set(by) == {"shape", "colour"} and result["class_acc"] <= min(by.values())
     assert result["fd"] >= 0 and result["n_images"] == 4 and result["steps"] == 2
     assert "PSNR" in capsys.readouterr().out
 
@@ -226,3 +228,22 @@ def test_eval_of_a_directory_that_is_no_bundle_exits_2(tmp_path, capsys):
     assert main(["eval", str(tmp_path), "--n-images", "4"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "manifest.json" in err
+
+
+def test_accuracy_by_attribute_names_what_a_picture_gets_wrong():
+    """Real pictures read right in every attribute; asking for other colours (same pictures)
+    costs exactly colour, and the joint accuracy with it."""
+    import dataclasses
+
+    from effgen.metrics import evaluate
+    from effgen.models import refdata
+
+    images, attrs = refdata.make_dataset(24, "heldout", seed=5)
+    right = evaluate(images, attrs=attrs)
+    assert right["attr_acc"] >= 0.95 and min(right["acc_by_attribute"].values()) >= 0.95
+    colours = list(refdata.COLOURS)
+    recoloured = [dataclasses.replace(a, colour=colours[(colours.index(a.colour) + 1) % len(colours)])
+                  for a in attrs]
+    wrong = evaluate(images, attrs=recoloured)
+    assert wrong["acc_by_attribute"]["colour"] == 0.0 and wrong["attr_acc"] == 0.0
+    assert wrong["acc_by_attribute"]["shape"] == right["acc_by_attribute"]["shape"]
