@@ -203,27 +203,35 @@ def _grouping_override(raw: dict, args) -> dict:
     return raw
 
 
+def _load_model(name: str, checkpoint):
+    """The model calibration and planning work on: a Denoiser, or an ECAR model (both
+    components; its stages are the timesteps)."""
+    from .models.configs import get_spec
+
+    if get_spec(name).family == "ecar":
+        from .models.ecar import load_ecar
+
+        if checkpoint is not None:
+            raise ValueError(f"{name}: ECAR models use their shipped weights (no --checkpoint)")
+        return load_ecar(name)
+    from .models.denoiser import load_denoiser
+
+    return load_denoiser(name, checkpoint)
+
+
 def cmd_calib(args) -> int:
     from .calib.calibrate import calibrate
     from .calib.plan import LayerPrecision, read_plan_file
     from .calib.quantizers import describe
     from .calib.scales import write_calibration
     from .calib.stats import calibration_items
-    from .models.configs import get_spec
-    from .models.denoiser import load_denoiser
-    from .models.ecar import load_ecar
 
     raw = _grouping_override(read_plan_file(args.plan), args)
     if args.threads > 0:
         import torch
 
         torch.set_num_threads(args.threads)
-    if get_spec(args.model).family == "ecar":  # both components, stages as timesteps
-        if args.checkpoint is not None:
-            raise ValueError(f"{args.model}: ECAR models calibrate their shipped weights (no --checkpoint)")
-        denoiser = load_ecar(args.model)
-    else:
-        denoiser = load_denoiser(args.model, args.checkpoint)
+    denoiser = _load_model(args.model, args.checkpoint)
     items = calibration_items(denoiser.spec, args.n_calib, args.prompts)
     plan, scales = calibrate(denoiser, raw, args.target, items=items, steps=args.steps,
                              guidance=args.guidance, use_cache=not args.no_cache, log=_calib_log)
@@ -342,7 +350,6 @@ def cmd_plan(args) -> int:
     from .calib.plan import PlanError, read_plan_file
     from .calib.quantizers import describe
     from .calib.sensitivity import DEFAULT_CONTENT_RULES
-    from .models.denoiser import load_denoiser
     from .runtime.bundle import write_json_atomic
 
     if args.threads > 0:
@@ -359,7 +366,7 @@ def cmd_plan(args) -> int:
         techniques = dict(raw.get("techniques", {}))
     if args.bos_aware is not None:
         techniques["bos_aware"] = args.bos_aware
-    denoiser = load_denoiser(args.model, args.checkpoint)
+    denoiser = _load_model(args.model, args.checkpoint)
     command = "effgen " + shlex.join(args.argv)
     t0 = time.perf_counter()
     plan, sens, result = plan_model(

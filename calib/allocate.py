@@ -342,7 +342,8 @@ def _label(p: LayerPrecision) -> str:
 # here because the installed package does not ship samples/.
 DEFAULT_TECHNIQUES: dict[str, Any] = {
     "smoothing": {"alpha": 0.8,
-                  "layers": [r"\.attn\d\.to_[qkv]$", r"\.attn\d\.to_out\.0$", r"\.ff\.net\.(0\.proj|2)$"]},
+                  "layers": [r"(\.attn\d\.to_[qkv]|\.attn\.qkv)$", r"(\.attn\d\.to_out\.0|\.attn\.proj)$",
+                             r"(\.ff\.net\.(0\.proj|2)|\.mlp\.fc[12])$"]},  # PixArt/DiT | ECAR
     "act_scale": {"method": "minmax"},
     "weight_scale": {"method": "mse"},
     "weight_rounding": {"method": "gptq", "damp": 0.01},

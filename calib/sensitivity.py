@@ -52,7 +52,7 @@ DEFAULT_CANDIDATES: tuple[tuple[int, int], ...] = ((4, 8), (4, 16), (8, 8), (8, 
 W_GRANULARITY = {4: "block32", 8: "per_channel"}
 # Layers whose effect shows in what the image depicts: cross-attention and the FFN (MixDQ's
 # "content" layers); the rest (self-attention, ...) are judged by the output's SQNR.
-DEFAULT_CONTENT_RULES: tuple[str, ...] = (r"\.attn2\.", r"\.ff\.")
+DEFAULT_CONTENT_RULES: tuple[str, ...] = (r"\.attn2\.", r"\.ff\.", r"\.mlp\.")  # .mlp.: ECAR's FFN
 SSIM_MIN_SIDE = 11  # metrics.ssim's window
 
 
@@ -200,62 +200,113 @@ def quantized_alone(denoiser: torch.nn.Module, plan: Plan, scales: dict[str, tor
 
 
 @dataclasses.dataclass
+class _Call:
+    """One call of a network the sampler runs, captured for replay: the denoiser itself
+    (`module` ""), or an ECAR component ("ar", "head")."""
+
+    module: str
+    args: tuple
+    kwargs: dict
+    output: torch.Tensor  # FP output (a denoiser's first in_channels channels)
+    timestep: int  # the sampler timestep (ECAR: the stage)
+
+    def run(self, model) -> torch.Tensor:
+        net = model.get_submodule(self.module) if self.module else model
+        return _model_output(model, net(*self.args, **self.kwargs))
+
+
+@dataclasses.dataclass
 class _Reference:
-    inputs: list[tuple]  # denoiser args per sampler step
-    outputs: list[torch.Tensor]  # FP denoiser outputs (first in_channels channels)
-    timesteps: list[int]
+    calls: list[_Call]  # every network call of the FP sampler run, in order
     final: torch.Tensor  # FP final samples (N, C, H, W)
-    noise: np.ndarray
-    conditions: tuple
+    noise: Any
+    conditions: Any
+
+    @property
+    def timesteps(self) -> list[int]:
+        """The sampler's timesteps (ECAR: stages) in the order it visited them."""
+        return list(dict.fromkeys(c.timestep for c in self.calls))
 
 
-def _fp_reference(denoiser, items: Sequence, steps: int, guidance: float) -> _Reference:
+def _model_output(model, out: torch.Tensor) -> torch.Tensor:
+    """What is compared: a denoiser's prediction without its learned-sigma channels."""
+    return out if model.spec.family == "ecar" else out[:, :model.spec.in_channels]
+
+
+def _networks(model) -> list[str]:
+    """The networks the sampler calls: the denoiser, or ECAR's two components."""
+    return ["ar", "head"] if model.spec.family == "ecar" else [""]
+
+
+def _fp_reference(model, items: Sequence, steps: int, guidance: float) -> _Reference:
     from ..runtime.pipeline import initial_noise
 
-    spec = denoiser.spec
-    noise = initial_noise((spec.in_channels, spec.sample_size, spec.sample_size), CALIB_SEED, len(items))
-    conditions = encode_conditions(spec, items)
-    inputs, outputs, timesteps = [], [], []
+    spec = model.spec
+    if spec.family == "ecar":
+        from ..models.ecar import stage_noise
 
-    def pre(module, args):
-        inputs.append(tuple(a.clone() if isinstance(a, torch.Tensor) else a for a in args))
+        noise, conditions = stage_noise(model.cfg, CALIB_SEED, len(items)), list(items)
+    else:
+        noise = initial_noise((spec.in_channels, spec.sample_size, spec.sample_size), CALIB_SEED,
+                              len(items))
+        conditions = encode_conditions(spec, items)
+    calls: list[_Call] = []
+    now = {"t": 0}
 
-    def post(module, args, out):
-        outputs.append(out[:, :spec.in_channels].clone())
+    def capture(name):
+        def hook(module, args, kwargs, out):
+            clone = lambda a: a.clone() if isinstance(a, torch.Tensor) else a  # noqa: E731
+            calls.append(_Call(name, tuple(clone(a) for a in args),
+                               {k: clone(v) for k, v in kwargs.items()},
+                               _model_output(model, out).clone(), now["t"]))
+        return hook
 
-    h1, h2 = denoiser.register_forward_pre_hook(pre), denoiser.register_forward_hook(post)
+    handles = [(model.get_submodule(n) if n else model).register_forward_hook(capture(n), with_kwargs=True)
+               for n in _networks(model)]
     try:
-        final = _sample(denoiser, noise, conditions, steps, guidance,
-                        on_step=lambda i, t: timesteps.append(int(t)))
+        final = _sample(model, noise, conditions, steps, guidance,
+                        on_step=lambda i, t: now.update(t=int(t)))
     finally:
-        h1.remove()
-        h2.remove()
-    return _Reference(inputs, outputs, timesteps, final, noise, conditions)
+        for h in handles:
+            h.remove()
+    return _Reference(calls, final, noise, conditions)
 
 
-def _sample(denoiser, noise, conditions, steps, guidance, on_step=None) -> torch.Tensor:
+def _sample(model, noise, conditions, steps, guidance, on_step=None) -> torch.Tensor:
+    """The FP sampler: a diffusion model's `steps` steps, or ECAR's stage loop at its own stage
+    steps (`on_step(s, s)` as stage s starts)."""
+    if model.spec.family == "ecar":
+        from ..models.ecar import sample as sample_ecar
+
+        return sample_ecar(model, conditions, noise, cfg_scale=guidance,
+                           on_stage=None if on_step is None else lambda s: on_step(s, s))
     from ..models.sampling import sample
 
     cond, uncond, cmask, umask = conditions
-    return sample(denoiser, noise, cond, uncond, denoiser.spec.scheduler, steps, guidance,
+    return sample(model, noise, cond, uncond, model.spec.scheduler, steps, guidance,
                   cmask, umask, on_step=on_step)
 
 
-def _input_elements(denoiser, ref: _Reference, layers: Sequence[str]) -> dict[str, int]:
-    """Input values per image of each layer in one denoiser call (tokens x features)."""
-    modules = quantizable_modules(denoiser)
+def _input_elements(model, ref: _Reference, layers: Sequence[str]) -> dict[str, int]:
+    """Input values per image of each layer in one call of its network (tokens x features;
+    ECAR: the last stage's call, which sees every token)."""
+    modules = quantizable_modules(model)
     seen: dict[str, int] = {}
-    batch = ref.inputs[0][0].shape[0]
+    batch = {"n": 1}
 
     def hook(name):
         def record(module, args):  # returns None: the input goes on unchanged
-            seen.setdefault(name, args[0].numel() // batch)
+            seen.setdefault(name, args[0].numel() // batch["n"])
         return record
 
     handles = [modules[n].register_forward_pre_hook(hook(n)) for n in layers]
     try:
         with torch.no_grad():
-            denoiser(*ref.inputs[0])
+            for name in _networks(model):
+                call = [c for c in ref.calls if c.module == name][-1]
+                batch["n"] = next(a for a in (*call.args, *call.kwargs.values())
+                                  if isinstance(a, torch.Tensor)).shape[0]
+                call.run(model)
     finally:
         for h in handles:
             h.remove()
@@ -350,17 +401,16 @@ def measure_sensitivity(denoiser, techniques: dict[str, Any] | None = None, targ
                  for n in layers}
 
     ref = _fp_reference(denoiser, items, steps, guidance)
-    step_group = [group_index(groups, t) for t in ref.timesteps]
     fp_images = to_uint8(ref.final.numpy()) if pixel_images else None
     G = len(groups) if per_timestep else 0
 
     def quality_losses(ctx) -> tuple[float, float, list[float]]:
         noise = np.zeros(len(groups))
         signal = np.zeros(len(groups))
-        for args, out, t, g in zip(ref.inputs, ref.outputs, ref.timesteps, step_group):
-            ctx.set_timestep(t)
-            q = denoiser(*args)[:, :spec.in_channels]
-            n_, s_ = _noise_ratio(q, out)
+        for call in ref.calls:
+            ctx.set_timestep(call.timestep)
+            g = group_index(groups, call.timestep)
+            n_, s_ = _noise_ratio(call.run(denoiser), call.output)
             noise[g] += n_
             signal[g] += s_
         total = noise.sum() / signal.sum()

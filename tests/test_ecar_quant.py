@@ -169,3 +169,40 @@ def test_cli_quantized_ecar_export_check_and_generate(tmp_path, monkeypatch, cap
                             "--out", str(tmp_path / "bad")]) == 2
     assert "own stage steps" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
+
+
+def test_mixed_precision_plan_for_ecar_allocates_both_components_and_exports(model, tmp_path,
+                                                                            monkeypatch):
+    """`effgen plan`'s machinery on ECAR: sensitivities from replaying the captured ar/head
+    calls (SQNR) and the stage loop's final images (SSIM, the FFN `.mlp.` layers), an ILP plan
+    at 4.5 weight bits over both components, which exports and checks."""
+    from effgen.calib.allocate import DEFAULT_TECHNIQUES, plan_model
+    from effgen.calib.sensitivity import allocatable_layers
+
+    monkeypatch.setenv("EFFGEN_CACHE", str(tmp_path / "cache"))
+    plan, sens, result = plan_model(model, weight_bits=4.5, techniques=dict(DEFAULT_TECHNIQUES),
+                                    target="trt", n_prompts=2, n_calib=4, progress=False)
+    layers = allocatable_layers(model)
+    assert {n.split(".")[0] for n in layers} == {"ar", "head"} and "ar.blocks.0.ada" not in layers
+    assert sens.family["head.blocks.0.mlp.fc1"] == "content"
+    assert sens.family["ar.blocks.1.attn.qkv"] == "quality"
+    assert sens.meta["sampler_timesteps"] == [0, 1, 2]  # the stages
+    w4a16, w8a16 = (next(i for i, c in enumerate(sens.candidates) if (c.w_bits, c.a_bits) == wa)
+                    for wa in ((4, 16), (8, 16)))
+    for n in layers:  # every layer measured; W4 costs more than W8 at the same activations
+        assert 0 <= sens.loss[n][w8a16] <= sens.loss[n][w4a16]
+        assert sens.loss[n][w4a16] > 0
+    modules = quantizable_modules(model)
+    params = np.array([modules[n].weight.numel() for n in layers])
+    bits = np.array([plan["layers"][n]["w_bits"] for n in layers])
+    assert abs(float((params * bits).sum() / params.sum()) - 4.5) <= 0.05
+    assert result.status == "optimal"
+
+    path = tmp_path / "mp.json"
+    path.write_text(json.dumps(plan))
+    out = export_ecar_bundle("ecar-tiny", tmp_path / "mp", ecar=model, log=lambda _: None,
+                             quantize={"plan": path, "n_calib": 4})
+    for comp in ("ar", "head"):
+        for v in Bundle.load(out).component(comp)["variants"]:
+            assert qdq.check_file(out / v["onnx"], "trt") == []
+            assert v["sqnr_vs_simulation_db"] == "inf" or v["sqnr_vs_simulation_db"] >= 60
