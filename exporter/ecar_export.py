@@ -46,7 +46,8 @@ from ..models.ecar import ECAR, ECARConfig, load_ecar
 from ..runtime.bundle import FORMAT, MANIFEST, sha256_file, write_json_atomic
 from . import qdq
 from .onnx_export import export_module, save_with_external_data
-from .quantized import SQNR_WARN_DB, prepare_quantization, simulated_model, sqnr_db
+from .quantized import (SQNR_WARN_DB, prepare_quantization, quantization_entry, run_graph,
+                        simulated_model, sqnr_db)
 
 AR_INPUTS = ("class_labels", "prefix_tokens")
 HEAD_INPUTS = ("x_t", "t", "z")
@@ -187,41 +188,6 @@ def lower_stage_graph(path: Path, plan: Plan, quant, stage: int) -> dict:
                                 by_timestep=False)
     save_with_external_data(lowered, path, f"{path.stem}.weights")
     return report
-
-
-def run_graph(path: Path, feeds: dict[str, np.ndarray], target: str) -> np.ndarray:
-    """The graph's first output in ONNX Runtime: TensorRT graphs with every node as written
-    (the reference semantics of their Q/DQ), ort-cpu graphs as ONNX Runtime optimizes them."""
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    if target != "ort-cpu":
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-    return sess.run(None, feeds)[0]
-
-
-def quantization_entry(plan: Plan, quant, report: dict, work: Path) -> dict:
-    """The component's manifest `quantization` (as a quantized denoiser's): the target, the
-    plan and scales files and hashes, the stage groups and what every layer runs as."""
-    from ..calib.scales import PLAN_FILE, SCALES_FILE, plan_hash
-    from .onnx_export import OPSET
-
-    counts: dict[str, int] = {}
-    for r in report.values():
-        counts[r.to_json()["precision"]] = counts.get(r.to_json()["precision"], 0) + 1
-    counts["FP"] = len(plan.layers) - sum(counts.values())
-    fp_layers = {m: {"planned": p.to_json(), "precision": "FP"} for m, p in plan.layers.items()
-                 if m not in report}
-    return {
-        "target": quant.target, "int8_format": qdq.default_int8_format(quant.target), "opset": OPSET,
-        "plan": PLAN_FILE, "scales": SCALES_FILE, "plan_sha256": plan_hash(quant.plan),
-        "plan_file_sha256": sha256_file(work / PLAN_FILE),
-        "scales_sha256": sha256_file(work / SCALES_FILE), "source": quant.source,
-        "timestep_groups": [list(g) for g in plan.timestep_groups], "summary": counts,
-        "layers": {**{m: r.to_json() for m, r in report.items()}, **fp_layers},
-    }
 
 
 def ecar_model_entry(name: str, cfg: ECARConfig) -> dict:

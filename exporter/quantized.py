@@ -109,7 +109,6 @@ def simulation_sqnr(denoiser, quant: Quantization, path: Path, inputs: tuple, gr
     simulation (`calib.simulate.quantize_`, same plan, scales and target) on `inputs`, at a
     timestep inside the variant's group. TensorRT graphs run in ONNX Runtime without graph
     optimizations (the reference semantics of Q/DQ). `sim`: a `simulated_model` to reuse."""
-    import onnxruntime as ort
     import torch
 
     from ..calib.simulate import sim_context
@@ -122,14 +121,46 @@ def simulation_sqnr(denoiser, quant: Quantization, path: Path, inputs: tuple, gr
     sim_context(sim).set_timestep(t)
     with torch.no_grad():
         ref = sim(*feeds_t).numpy()
+    out = run_graph(path, {n: x.numpy() for n, x in zip(input_names, feeds_t)}, quant.target, threads)
+    return sqnr_db(ref, out)
+
+
+def run_graph(path: Path, feeds: dict[str, np.ndarray], target: str, threads: int = 0) -> np.ndarray:
+    """The graph's first output in ONNX Runtime: TensorRT graphs with every node as written
+    (the reference semantics of their Q/DQ), ort-cpu graphs as ONNX Runtime optimizes them."""
+    import onnxruntime as ort
+
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
     so.log_severity_level = 3
-    if quant.target != "ort-cpu":
+    if target != "ort-cpu":
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-    out = sess.run(None, {n: x.numpy() for n, x in zip(input_names, feeds_t)})[0]
-    return sqnr_db(ref, out)
+    return sess.run(None, feeds)[0]
+
+
+def quantization_entry(plan: Plan, quant: Quantization, report: dict, work: Path) -> dict[str, Any]:
+    """A quantized component's manifest `quantization`: the target, the plan and scales files
+    (in `work`) and their hashes, the timestep groups and what every layer of `plan` (the
+    component's layers) runs as, with a count per precision."""
+    from ..calib.scales import PLAN_FILE, SCALES_FILE, plan_hash
+    from ..runtime.bundle import sha256_file
+    from . import qdq
+
+    counts: dict[str, int] = {}
+    for r in report.values():
+        counts[r.to_json()["precision"]] = counts.get(r.to_json()["precision"], 0) + 1
+    counts["FP"] = len(plan.layers) - sum(counts.values())
+    fp_layers = {m: {"planned": p.to_json(), "precision": "FP"} for m, p in plan.layers.items()
+                 if m not in report}
+    return {
+        "target": quant.target, "int8_format": qdq.default_int8_format(quant.target), "opset": OPSET,
+        "plan": PLAN_FILE, "scales": SCALES_FILE, "plan_sha256": plan_hash(quant.plan),
+        "plan_file_sha256": sha256_file(work / PLAN_FILE),
+        "scales_sha256": sha256_file(work / SCALES_FILE), "source": quant.source,
+        "timestep_groups": [list(g) for g in plan.timestep_groups], "summary": counts,
+        "layers": {**{m: r.to_json() for m, r in report.items()}, **fp_layers},
+    }
 
 
 def _fp_from_bundle(bundle_dir: Path, denoiser, inputs):
@@ -157,8 +188,7 @@ def export_quantized_denoiser(denoiser, quant: Quantization, batch: int, sample_
     `scales.safetensors` into `work`; return the manifest's component entry."""
     import onnx
 
-    from ..calib.scales import PLAN_FILE, SCALES_FILE, plan_hash, write_calibration
-    from ..runtime.bundle import sha256_file
+    from ..calib.scales import write_calibration
     from . import qdq
 
     plan, target = quant.plan, quant.target
@@ -201,27 +231,12 @@ def export_quantized_denoiser(denoiser, quant: Quantization, batch: int, sample_
                      "sqnr_vs_simulation_db": min(finite) if finite else "inf",
                      "sqnr_vs_simulation_db_by_group": sqnr}]
     base = onnx.load(str(work / files[0]), load_external_data=False)
-    counts: dict[str, int] = {}
-    for r in report.values():
-        counts[r.to_json()["precision"]] = counts.get(r.to_json()["precision"], 0) + 1
-    n_layers = len(plan.layers)
-    counts["FP"] = n_layers - sum(counts.values())
-    log("  layers: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())))
-    fp_layers = {m: {"planned": p.to_json(), "precision": "FP"} for m, p in plan.layers.items()
-                 if m not in report}
-    int8_format = qdq.default_int8_format(target)
+    quantization = quantization_entry(plan, quant, report, work)
+    log("  layers: " + ", ".join(f"{v} {k}" for k, v in sorted(quantization["summary"].items())))
     return {
         "inputs": fp.inputs, "outputs": fp.outputs, "external_data": weights, "variants": variants,
         "max_abs_error": fp.max_abs_error, "tolerance": fp.tolerance,
-        "quantization": {
-            "target": target, "int8_format": int8_format, "opset": OPSET,
-            "plan": PLAN_FILE, "scales": SCALES_FILE, "plan_sha256": plan_hash(plan),
-            "plan_file_sha256": sha256_file(work / PLAN_FILE),
-            "scales_sha256": sha256_file(work / SCALES_FILE), "source": quant.source,
-            "timestep_groups": [list(g) for g in plan.timestep_groups],
-            "summary": counts,
-            "layers": {**{m: r.to_json() for m, r in report.items()}, **fp_layers},
-        },
+        "quantization": quantization,
         "shared_initializers": qdq.external_initializers(base),
     }
 

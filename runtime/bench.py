@@ -133,12 +133,7 @@ def bench_bundle(path: str | Path, steps: int | None = None, images: int = 2, re
     feeds = {k: np.concatenate([v] * b)[:b] for k, v in pair.items()}
     feeds["sample"] = np.repeat(noise, b, 0)
     feeds["timestep"] = np.full(b, 500.0, np.float32)
-    pipe.denoiser.run(feeds, 500.0)  # warm-up: allocations, kernel selection
-    step_ms = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        pipe.denoiser.run(feeds, 500.0)
-        step_ms.append((time.perf_counter() - t0) * 1e3)
+    step_ms = _timed(lambda: pipe.denoiser.run(feeds, 500.0), repeat)
 
     image_ms = []
     output = "images" if (not m["latent_space"] or pipe.vae_decoder is not None) else "latents"
@@ -150,7 +145,7 @@ def bench_bundle(path: str | Path, steps: int | None = None, images: int = 2, re
     result = {
         "bundle": str(path), "model": m["name"], "backend": backend, "threads": threads,
         "batch": b, "steps": steps,
-        "step_ms": round(statistics.median(step_ms), 3),
+        "step_ms": step_ms,
         "image_ms": round(statistics.median(image_ms), 3) if image_ms else None,
         "peak_mb": round(peak_rss_mb(), 1),
         "weight_bytes": weight_bytes(bundle),
