@@ -96,6 +96,14 @@ def _mean(losses: list[torch.Tensor]) -> float:
     return float(torch.stack(losses).float().mean()) if losses else float("nan")
 
 
+def min_snr_weight(alphas_cumprod: torch.Tensor, gamma: float, v_prediction: bool) -> torch.Tensor:
+    """Min-SNR-gamma loss weights (Hang et al. 2023) for the samples' alpha_bar: the x0-space
+    error weighted by min(SNR, gamma), expressed for the network's target, so
+    min(SNR, gamma) / (SNR + 1) on a v loss and min(SNR, gamma) / SNR on an epsilon loss."""
+    snr = alphas_cumprod / (1 - alphas_cumprod)
+    return snr.clamp(max=gamma) / (snr + 1 if v_prediction else snr)
+
+
 def training_pictures(n: int, seed: int = 0, res: int = refdata.RESOLUTION,
                       workers: int = 1) -> tuple[np.ndarray, list[refdata.Attributes]]:
     """`n` pictures of the training split, drawn as shards of SHARD_SIZE (shard k is

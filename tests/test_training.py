@@ -10,7 +10,7 @@ import pytest
 
 from effgen.models.configs import get_spec
 from effgen.models.denoiser import build_denoiser
-from effgen.models.training import TrainConfig, dit_init, learning_rate, train
+from effgen.models.training import TrainConfig, dit_init, learning_rate, min_snr_weight, train
 
 
 def test_learning_rate_warms_up_then_decays_to_the_floor_over_the_budget():
@@ -81,3 +81,22 @@ def test_training_pictures_are_the_same_shards_whatever_the_number_of_workers(mo
     np.testing.assert_array_equal(serial[4:8], shard1)
     assert len({a.caption for a in attrs}) > 1
     assert not {(a.shape, a.colour, f"{a.row} {a.col}") for a in attrs} & refdata.heldout_triples()
+
+
+@pytest.mark.parametrize("v_prediction", [True, False])
+def test_min_snr_weight_is_min_snr_gamma_on_the_x0_error_whatever_the_target(v_prediction):
+    torch.manual_seed(0)
+    abar = torch.tensor([0.999, 0.9, 0.5, 0.1, 1e-3])
+    x0, eps, x0_hat = torch.randn(3, 5, 8)
+    xt = abar.sqrt()[:, None] * x0 + (1 - abar).sqrt()[:, None] * eps
+    # the network's prediction that corresponds to x0_hat at the same x_t
+    eps_hat = (xt - abar.sqrt()[:, None] * x0_hat) / (1 - abar).sqrt()[:, None]
+    if v_prediction:
+        target = abar.sqrt()[:, None] * eps - (1 - abar).sqrt()[:, None] * x0
+        pred = abar.sqrt()[:, None] * eps_hat - (1 - abar).sqrt()[:, None] * x0_hat
+    else:
+        target, pred = eps, eps_hat
+    weighted = min_snr_weight(abar, 5.0, v_prediction) * (pred - target).square().mean(1)
+    snr = abar / (1 - abar)
+    expected = torch.minimum(snr, torch.tensor(5.0)) * (x0_hat - x0).square().mean(1)
+    assert torch.allclose(weighted, expected, rtol=1e-4)
