@@ -41,17 +41,17 @@ def sample(denoiser: Denoiser, noise: np.ndarray, cond: torch.Tensor, uncond: to
            on_step: Callable[[int, int], None] | None = None) -> torch.Tensor:
     """Denoise `noise` (N, C, H, W) to samples. `cond`/`uncond` are per-image conditions
     (class labels or text states, first dimension N); `on_step(i, t)` runs before each
-    denoiser call (calibration uses it to know the timestep)."""
+    denoiser call (calibration uses it to know the timestep). Runs on the device of `cond`."""
     sched = diffusers_scheduler(scheduler_config)
     sched.set_timesteps(steps)
-    x = torch.from_numpy(np.asarray(noise, np.float32)).clone()
+    x = torch.from_numpy(np.asarray(noise, np.float32)).clone().to(cond.device)
     n, c = x.shape[:2]
     both = torch.cat([cond, uncond])
     both_mask = None if cond_mask is None else torch.cat([cond_mask, uncond_mask])
     for i, t in enumerate(sched.timesteps):
         if on_step is not None:
             on_step(i, int(t))
-        tt = torch.full((2 * n,), float(t))
+        tt = torch.full((2 * n,), float(t), device=x.device)
         out = denoiser(torch.cat([x, x]), tt, both, both_mask)[:, :c]
         eps_c, eps_u = out[:n], out[n:]
         eps = eps_u + guidance * (eps_c - eps_u)
