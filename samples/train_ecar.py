@@ -34,7 +34,7 @@ import torch
 
 from effgen.models.configs import get_spec
 from effgen.models.denoiser import WEIGHTS_DIR
-from effgen.models.ecar import ECAR, config_of, save_checkpoint
+from effgen.models.ecar import ECAR, config_of, load_checkpoint, save_checkpoint
 from effgen.models.training import TrainConfig, train, training_pictures
 
 MODELS = ("ecar-ref", "ecar-flowar-ref", "ecar-single-stage-ref", "ecar-tiny")
@@ -57,12 +57,17 @@ def main(argv=None):
     p.add_argument("--data-workers", type=int, default=1,
                    help="processes drawing the pictures (the same pictures for any number)")
     p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the EMA weights in --out (fresh optimizer state; the step "
+                   "count continues from the checkpoint's metadata), as train_reference.py does")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     spec = get_spec(args.model)
     cfg = config_of(spec)
     out = args.out or WEIGHTS_DIR / f"{args.model}.safetensors"
+    if args.resume and not out.is_file():
+        p.error(f"--resume: {out} does not exist")
 
     t0 = time.time()
     dev = torch.device(args.device)
@@ -73,14 +78,23 @@ def main(argv=None):
     print(f"data: {len(attrs)} pictures in {time.time() - t0:.0f}s", flush=True)
 
     torch.manual_seed(args.seed)
-    model = ECAR(cfg).train().to(dev)
+    first_step = 0
+    if args.resume:
+        from safetensors import safe_open
+
+        model = load_checkpoint(out, cfg).train().to(dev)
+        with safe_open(str(out), "pt") as f:
+            first_step = int(f.metadata()["steps"])
+        print(f"resuming from {out} at step {first_step}", flush=True)
+    else:
+        model = ECAR(cfg).train().to(dev)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"{args.model}: {n_params / 1e6:.2f}M parameters (ar {sum(p.numel() for p in model.ar.parameters()) / 1e6:.2f}M, "
           f"head {sum(p.numel() for p in model.head.parameters()) / 1e6:.2f}M), stages {cfg.stages}, "
           f"{cfg.schedule}, ranges {[(round(a, 3), round(b, 3)) for a, b in cfg.stage_ranges()]}",
           flush=True)
-    g = torch.Generator(dev).manual_seed(args.seed)
+    g = torch.Generator(dev).manual_seed(args.seed + first_step)
 
     def save(step: int, loss: float):
         save_checkpoint(ema, out, {"model": args.model, "steps": step, "batch": args.batch,
@@ -95,7 +109,7 @@ def main(argv=None):
 
     train_cfg = TrainConfig(lr=args.lr, steps=args.steps, minutes=args.minutes, ema=args.ema,
                             save_every=args.save_every)
-    step, _ = train(model, ema, model, loss_fn, train_cfg, save)
+    step, _ = train(model, ema, model, loss_fn, train_cfg, save, first_step)
     print(json.dumps({"model": args.model, "steps": step, "out": str(out),
                       "minutes": round((time.time() - t0) / 60, 1)}))
 

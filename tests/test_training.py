@@ -100,3 +100,42 @@ def test_min_snr_weight_is_min_snr_gamma_on_the_x0_error_whatever_the_target(v_p
     snr = abar / (1 - abar)
     expected = torch.minimum(snr, torch.tensor(5.0)) * (x0_hat - x0).square().mean(1)
     assert torch.allclose(weighted, expected, rtol=1e-4)
+
+
+def _script(name: str):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "samples" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("script,model", [("train_ecar", "ecar-tiny"), ("train_reference", "dit-ref")])
+def test_training_scripts_resume_from_their_checkpoint_and_count_steps_on(tmp_path, script, model):
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    run = _script(script).main
+
+    def train_to(out, steps, *extra):
+        run([model, "--steps", str(steps), "--batch", "2", "--data-size", "8", "--threads", "1",
+             "--out", str(out), *extra])
+        with safe_open(str(out), "pt") as f:
+            return load_file(out), f.metadata()["steps"]
+
+    first, _ = train_to(tmp_path / "a.safetensors", 2)
+    # Resumed with another seed: the weights continue from the checkpoint, where a fresh run
+    # with that seed starts from its own initialisation.
+    resumed, steps = train_to(tmp_path / "a.safetensors", 3, "--resume", "--seed", "1")
+    fresh, _ = train_to(tmp_path / "b.safetensors", 1, "--seed", "1")
+    assert steps == "3"
+
+    def dist(x, y):
+        return max(float((x[k] - y[k]).abs().max()) for k in x)
+
+    assert dist(resumed, first) < 0.1 * dist(fresh, first)
+    with pytest.raises(SystemExit):  # nothing to resume from
+        train_to(tmp_path / "missing.safetensors", 2, "--resume")
