@@ -103,6 +103,24 @@ def _alpha(v: Any, where: str) -> float:
     return float(v)
 
 
+def shifted_layers(techniques: dict[str, Any], layers: Iterable[str]) -> list[str]:
+    """The layers (of `layers`) that `techniques.act_shift.layers` selects (regexes, searched).
+
+    Activation shifting (Outlier Suppression+'s channel shift, here one shift per tensor and
+    timestep group): the layer's input is quantized as x - z on a symmetric grid centred on its
+    range, and the layer adds W z back. It pays on one-sided activations: a GELU output is
+    >= -0.17, so a symmetric grid around 0 leaves half its codes unused (measured on
+    pixart-ref's FFN output layers: the tensor absmax is 1.9-2.0x the half range)."""
+    cfg = techniques.get("act_shift") or {}
+    if not isinstance(cfg, dict) or set(cfg) - {"layers"}:
+        raise PlanError("techniques.act_shift: expected an object {layers}")
+    patterns = cfg.get("layers", [])
+    if not isinstance(patterns, list):
+        raise PlanError("techniques.act_shift.layers: expected a list of regular expressions")
+    rxs = [re.compile(p) for p in patterns]
+    return [n for n in layers if any(rx.search(n) for rx in rxs)]
+
+
 def rotated_layers(techniques: dict[str, Any], layers: dict[str, Any]) -> list[str]:
     """Layers (of `layers`: name -> (kind, in_features)) that `techniques.rotation.layers`
     selects; a PlanError when one of them cannot be rotated."""

@@ -38,11 +38,12 @@ import numpy as np
 import torch
 
 from ..models.ecar import DEFAULT_FP as ECAR_DEFAULT_FP
-from .balance import hadamard, rotated_layers, smooth_weight, smoothing_alphas, smoothing_vector
+from .balance import (hadamard, rotated_layers, shifted_layers, smooth_weight, smoothing_alphas,
+                      smoothing_vector)
 from .bos import first_token_layers
 from .gptq import DEFAULT_DAMP, collect_hessians, gptq_codes, transform_hessian
 from .plan import Plan, PlanError, resolve_plan
-from .quantizers import ACT_METHODS, WEIGHT_METHODS, search_amax, weight_scale
+from .quantizers import ACT_METHODS, WEIGHT_METHODS, qmax, search_amax, weight_scale
 from .scales import key
 from .stats import (Statistics, collect_statistics, encode_conditions, in_features, module_kind,
                     quantizable_modules)
@@ -202,6 +203,37 @@ def activation_amax(stats: Statistics, name: str, ranges: Sequence[tuple[int, in
     return torch.tensor(out, dtype=torch.float32)
 
 
+def activation_shift(stats: Statistics, name: str, ranges: Sequence[tuple[int, int]], bits: int,
+                     smooth: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """((G,) amax, (G,) shift) per timestep group of a shifted layer (techniques.act_shift):
+    x - shift is quantized on the symmetric grid of amax, which covers the (smoothed) input's
+    range [lo, hi] exactly, from the signed per-channel extremes. The shift is a whole number
+    k of grid steps (|k| <= qmax), so ONNX Runtime's uint8 zero point 128 - k carries it
+    exactly; TensorRT, whose zero points are 0, subtracts it and adds W shift to the bias."""
+    if name not in stats.maximum:
+        raise ValueError(f"no signed extremes for {name}: the statistics predate activation "
+                         "shifting (collect them again)")
+    q = qmax(bits)
+    amax, shift = [], []
+    for lo_t, hi_t in ranges:
+        idx = _steps_of_group(stats.timesteps, lo_t, hi_t)
+        hi, lo = stats.maximum[name][idx].amax(dim=0), stats.minimum[name][idx].amin(dim=0)
+        if smooth is not None:
+            hi, lo = hi / smooth, lo / smooth
+        hi, lo = max(float(hi.max()), 0.0), min(float(lo.min()), 0.0)
+        half = (hi - lo) / 2
+        if half <= 0:
+            amax.append(0.0)
+            shift.append(0.0)
+            continue
+        k = int(np.clip(round((hi + lo) / 2 / (half / q)), -q + 1, q - 1))
+        # the step a with hi <= (k + q) a and lo >= (k - q) a, as small as that allows
+        step = max(hi / (k + q), lo / (k - q))
+        amax.append(step * q)
+        shift.append(step * k)
+    return torch.tensor(amax, dtype=torch.float32), torch.tensor(shift, dtype=torch.float32)
+
+
 def calibrate(denoiser, plan_raw: dict[str, Any], target: str | None = None, *,
               stats: Statistics | None = None, items: Sequence | None = None, n_calib: int = 32,
               steps: int | None = None, guidance: float | None = None,
@@ -238,6 +270,16 @@ def calibrate(denoiser, plan_raw: dict[str, Any], target: str | None = None, *,
     rotated = rotated_layers(plan.techniques, {n: (module_kind(modules[n]), in_features(modules[n]))
                                                for n, e in effective.items() if not e.is_fp})
     first_token = set(first_token_layers(plan.techniques, effective))
+    # (a per-token activation, ort-cpu's W4A8, is quantized over its own range already)
+    shifted = set(shifted_layers(plan.techniques, [n for n, e in effective.items()
+                                                   if e.a_bits < 16 and e.a_granularity == "per_tensor"]))
+    clash = sorted(shifted & (set(rotated) | first_token))
+    if clash:
+        raise PlanError(f"techniques.act_shift: {clash[0]} is also rotated or BOS-aware; a "
+                        "shifted layer can be neither")
+    if shifted and method != "minmax":
+        raise PlanError(f"techniques.act_shift: shifted layers take min-max scales (their "
+                        f"grid covers the signed range), not act_scale.method {method!r}")
     rounding, damp = _rounding_config(plan.techniques)
     hessians: dict[str, torch.Tensor] = {}
     if rounding == "gptq":  # GPTQ rounds Linear weights; a Conv keeps nearest rounding
@@ -275,17 +317,22 @@ def calibrate(denoiser, plan_raw: dict[str, Any], target: str | None = None, *,
                 H = transform_hessian(hessians[name], s, rot)
                 scales[key(name, "w_codes")] = gptq_codes(w, H, eff.w_bits,
                                                           scales[key(name, "w_scale")], damp)
-        if eff.a_bits < 16:
+        if name in shifted:
+            scales[key(name, "a_amax")], scales[key(name, "a_shift")] = activation_shift(
+                stats, name, plan.timestep_groups, eff.a_bits, s)
+        elif eff.a_bits < 16:
             scales[key(name, "a_amax")] = activation_amax(stats, name, plan.timestep_groups,
                                                           eff.a_bits, method, pct, s, rot,
                                                           skip_first_token=name in first_token)
     plan.provenance = {
         **{k: v for k, v in plan.provenance.items()
-           if k not in ("effective", "smoothing", "rotation", "bos_aware", "calibration")},
+           if k not in ("effective", "smoothing", "rotation", "bos_aware", "act_shift",
+                        "calibration")},
         "effective": {n: e.to_json() for n, e in sorted(effective.items())},
         "smoothing": {n: a for n, a in sorted(alphas.items())},
         "rotation": sorted(rotated),
         "bos_aware": sorted(first_token),
+        "act_shift": sorted(shifted),
         "calibration": {"statistics": stats.meta.get("key", ""), "n_items": stats.meta.get("n_items"),
                         "steps": stats.meta.get("steps"), "guidance": stats.meta.get("guidance"),
                         "scheduler": stats.meta.get("scheduler"), "noise_seed": stats.meta.get("noise_seed"),

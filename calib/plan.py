@@ -192,7 +192,7 @@ def resolve_plan(raw: dict[str, Any], modules: Iterable[str], default_fp: Iterab
         if not isinstance(raw.get(key, {}), dict):
             raise PlanError(f"{key}: expected an object")
     techniques = raw.get("techniques", {})
-    for key in ("smoothing", "rotation"):
+    for key in ("smoothing", "rotation", "act_shift"):
         for i, pattern in enumerate((techniques.get(key) or {}).get("layers", [])):
             rx = _regex(pattern, f"techniques.{key}.layers[{i}]")
             if not any(rx.search(m) for m in modules):

@@ -6,6 +6,9 @@ Tensors, per quantized layer `L` (module path):
   `L.a_amax`   (G,) static activation amax per timestep group (scale = amax / 127), for
                layers whose effective precision quantizes activations (after smoothing and
                rotation: the amax of the tensor that is really quantized)
+  `L.a_shift`  (G,) activation shift per timestep group, for the layers the plan shifts
+               (techniques.act_shift): x - a_shift is quantized with a_amax, a whole number
+               of grid steps; the layer adds W a_shift back
   `L.smooth`   (in,) smoothing vector s: the shipped weight is W diag(s) (then rotated,
                when the plan rotates L), the activation is multiplied by 1/s
   `L.w_codes`  int8 (out, K) integer weights on the `w_scale` grid, where the plan rounds
@@ -30,7 +33,7 @@ from .plan import Plan
 FORMAT = "effgen.scales/1"
 SCALES_FILE = "scales.safetensors"
 PLAN_FILE = "plan.json"
-SUFFIXES = ("w_scale", "a_amax", "smooth", "w_codes")
+SUFFIXES = ("w_scale", "a_amax", "a_shift", "smooth", "w_codes")
 
 
 class ScalesError(ValueError):

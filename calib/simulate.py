@@ -69,6 +69,7 @@ class SimConfig:
     rotate: bool = False
     keep_first_token: bool = False  # BOS-aware: token 0's activation is not quantized
     w_codes: torch.Tensor | None = None  # GPTQ's integer weights (out, K), used as they are
+    a_shift: torch.Tensor | None = None  # (G,): x - shift is quantized, then shift added back
 
 
 class _SimBase(torch.nn.Module):
@@ -90,6 +91,7 @@ class _SimBase(torch.nn.Module):
         self.register_buffer("weight", w)
         self.register_buffer("bias", None if bias is None else bias.detach().float())
         self.register_buffer("a_amax", None if cfg.a_amax is None else cfg.a_amax.float())
+        self.register_buffer("a_shift", None if cfg.a_shift is None else cfg.a_shift.float())
         self.keep_first_token = cfg.keep_first_token
 
     def _quant_input(self, x: torch.Tensor) -> torch.Tensor:
@@ -105,6 +107,9 @@ class _SimBase(torch.nn.Module):
         if p.a_granularity == "per_token":  # ort-cpu W4: MatMulNBits quantizes per K block
             block = int4_block_size(p, x.shape[ch]) if p.w_bits == 4 else None
             return fake_quant_per_token(x, p.a_bits, channel_dim=ch, block=block)
+        if self.a_shift is not None:  # the exporters add W shift to the bias instead
+            z = self.a_shift[self.ctx.current()]
+            return fake_quant_per_tensor(x - z, self.a_amax[self.ctx.current()], p.a_bits) + z
         q = fake_quant_per_tensor(x, self.a_amax[self.ctx.current()], p.a_bits)
         if self.keep_first_token:
             n = x.shape[TOKEN_AXIS]
@@ -115,6 +120,7 @@ class _SimBase(torch.nn.Module):
         from .quantizers import describe
 
         tech = [t for t, on in (("smooth", self.inv_smooth is not None),
+                                ("shift", self.a_shift is not None),
                                 ("hadamard", self.hadamard is not None),
                                 ("fp-first-token", self.keep_first_token)) if on]
         return describe(self.precision) + (f", {'+'.join(tech)}" if tech else "")
@@ -186,6 +192,12 @@ def layer_configs(denoiser: torch.nn.Module, plan: Plan, scales: dict[str, torch
                 raise scales_mod.ScalesError(
                     f"scales: {name}.a_amax must have one value per timestep group ({G}), got "
                     f"{None if a_amax is None else tuple(a_amax.shape)}")
+        a_shift = scales.get(scales_mod.key(name, "a_shift"))
+        if a_shift is not None and (eff.a_bits >= 16 or eff.a_granularity != "per_tensor"
+                                    or a_shift.shape != (G,)):
+            raise scales_mod.ScalesError(
+                f"scales: {name}.a_shift has shape {tuple(a_shift.shape)}; a shift needs a "
+                f"per-tensor quantized activation and one value per timestep group ({G})")
         codes = scales.get(scales_mod.key(name, "w_codes"))
         if codes is not None:
             shape = tuple(modules[name].weight.shape)
@@ -194,7 +206,7 @@ def layer_configs(denoiser: torch.nn.Module, plan: Plan, scales: dict[str, torch
                     f"scales: {name}.w_codes has shape {tuple(codes.shape)}, the weight "
                     f"{shape} at {eff.w_bits} bits")
         out[name] = SimConfig(eff, w_scale, a_amax, scales.get(scales_mod.key(name, "smooth")),
-                              name in rotated, name in first_token, codes)
+                              name in rotated, name in first_token, codes, a_shift)
     return out
 
 

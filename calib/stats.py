@@ -2,7 +2,8 @@
 
 The FP sampler (models/sampling.py) runs over calibration prompts or labels; a forward
 pre-hook on every quantizable Linear/Conv records, per sampler step:
-  - the absmax of every input channel (exact, over all images, tokens and both CFG halves);
+  - the absmax of every input channel (exact, over all images, tokens and both CFG halves),
+    and its signed maximum and minimum (activation shifting centres a one-sided range);
   - a uniform random subsample of whole input rows (tokens; pixels for a Conv), at most
     `budget` values per layer and step, for the percentile and MSE searches. Whole rows, not
     single values, so the searches can run on the activation exactly as it will be quantized:
@@ -35,7 +36,7 @@ from ..models import refdata
 from ..models.configs import ModelSpec
 from .bos import TOKEN_AXIS, text_token_layers
 
-STATS_FORMAT = "effgen.stats/2"
+STATS_FORMAT = "effgen.stats/3"
 TOP_ROWS = 8  # largest-norm rows kept per layer and step
 DEFAULT_BUDGET = 2048  # sampled activation values per layer per step
 CALIB_SEED = 999  # calibration prompts and noise; evaluation uses other seeds
@@ -143,7 +144,8 @@ class Statistics:
     """Per layer: `absmax` (T, C_in) per step and input channel; `rows` (T, R, C_in), a
     uniform sample of input rows per step; `top` (T, TOP_ROWS, C_in), the rows of largest
     L2 norm per step. `timesteps`: the sampler's timesteps in order. The `*_after_first`
-    dicts hold the same over tokens 1.. only, for the layers that read text tokens."""
+    dicts hold the same over tokens 1.. only, for the layers that read text tokens.
+    `maximum` / `minimum` (T, C_in): the signed extremes per step and input channel."""
 
     timesteps: list[int]
     absmax: dict[str, torch.Tensor]
@@ -153,6 +155,8 @@ class Statistics:
     absmax_after_first: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
     rows_after_first: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
     top_after_first: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
+    maximum: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
+    minimum: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
 
     def of_layer(self, name: str, skip_first_token: bool = False
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -180,6 +184,8 @@ class Statistics:
             tensors[f"{n}::absmax"] = self.absmax[n].contiguous()
             tensors[f"{n}::rows"] = self.rows[n].contiguous()
             tensors[f"{n}::top"] = self.top[n].contiguous()
+            tensors[f"{n}::maximum"] = self.maximum[n].contiguous()
+            tensors[f"{n}::minimum"] = self.minimum[n].contiguous()
         for n in self.absmax_after_first:
             tensors[f"{n}::absmax_after_first"] = self.absmax_after_first[n].contiguous()
             tensors[f"{n}::rows_after_first"] = self.rows_after_first[n].contiguous()
@@ -199,20 +205,24 @@ class Statistics:
             raise ValueError(f"{path}: not an {STATS_FORMAT} file")
         tensors = load_file(str(path))
         parts: dict[str, dict] = {w + s: {} for w in ("absmax", "rows", "top") for s in ("", "_after_first")}
+        parts.update(maximum={}, minimum={})
         for k, v in tensors.items():
             name, _, what = k.rpartition("::")
             parts[what][name] = v
         return cls(json.loads(meta["timesteps"]), parts["absmax"], parts["rows"], parts["top"],
                    json.loads(meta["meta"]), parts["absmax_after_first"], parts["rows_after_first"],
-                   parts["top_after_first"])
+                   parts["top_after_first"], parts["maximum"], parts["minimum"])
 
 
 class _RowStats:
-    """Per-step absmax, bottom-k row sample and largest-norm rows of a set of layers."""
+    """Per-step absmax, signed maximum and minimum, bottom-k row sample and largest-norm rows
+    of a set of layers."""
 
     def __init__(self, modules: dict[str, torch.nn.Module], steps: int, budget: int, seed: int):
         self.gen = torch.Generator().manual_seed(seed)
         self.absmax = {n: [None] * steps for n in modules}
+        self.maximum = {n: [None] * steps for n in modules}
+        self.minimum = {n: [None] * steps for n in modules}
         self.rows = {n: [None] * steps for n in modules}
         self.top = {n: [None] * steps for n in modules}
         self.keys = {n: [None] * steps for n in modules}
@@ -223,6 +233,10 @@ class _RowStats:
         amax = flat.abs().amax(dim=0)
         prev = self.absmax[name][i]
         self.absmax[name][i] = amax if prev is None else torch.maximum(prev, amax)
+        hi, lo = flat.amax(dim=0), flat.amin(dim=0)
+        prev_hi, prev_lo = self.maximum[name][i], self.minimum[name][i]
+        self.maximum[name][i] = hi if prev_hi is None else torch.maximum(prev_hi, hi)
+        self.minimum[name][i] = lo if prev_lo is None else torch.minimum(prev_lo, lo)
         # Bottom-k by random keys over everything seen: a uniform sample without
         # replacement of all rows of this layer at this step, whatever the chunking.
         keys = torch.rand(flat.shape[0], generator=self.gen)
@@ -251,6 +265,10 @@ class _RowStats:
         return ({n: torch.stack(self.absmax[n]) for n in names},
                 {n: torch.stack(self._equal_samples(n)) for n in names},
                 {n: torch.stack(self._equal_samples(n, self.top)) for n in names})
+
+    def extremes(self, names: Sequence[str]) -> tuple[dict, dict]:
+        return ({n: torch.stack(self.maximum[n]) for n in names},
+                {n: torch.stack(self.minimum[n]) for n in names})
 
     def _equal_samples(self, name: str, source: dict | None = None) -> list[torch.Tensor]:
         """The per-step samples cut to one size: a step that saw fewer rows than the budget
@@ -418,11 +436,13 @@ def collect_statistics(model, items: Sequence | None = None, n_calib: int = 32,
     with rec:
         timesteps = run_sampler(model, items, sampler, seed, lambda i: setattr(rec, "step", i),
                                 f"calibration statistics ({spec.name})", progress, batch)
-    absmax, rows, top = rec.all_rows.stacked(rec.all_rows.complete())
+    complete = rec.all_rows.complete()
+    absmax, rows, top = rec.all_rows.stacked(complete)
     stats = Statistics(timesteps, absmax, rows, top,
                        {**{k: v for k, v in doc.items() if k != "data"}, "n_items": len(items),
                         "key": key},
-                       *rec.after_first.stacked(rec.after_first.complete()))
+                       *rec.after_first.stacked(rec.after_first.complete()),
+                       *rec.all_rows.extremes(complete))
     if use_cache:
         stats.save(path)
         if log:

@@ -511,6 +511,61 @@ def quantize_activation(graph, layer: Layer, amax: float, int8_format: str = "s8
     layer.node.inputs[0] = xd
 
 
+def activation_shift_name(module: str) -> str:
+    return f"{module}.input_shift"
+
+
+def shift_activation(graph, layer: Layer, shift: float) -> str:
+    """(techniques.act_shift; before quantize_activation, after quantize_weight) x - z into
+    the layer's activation quantization and z * colsum(W) added to its output (after its
+    bias): y = W (x - z) + b + W z. colsum(W) is of the weight as the graph dequantizes it,
+    a constant TensorRT folds into the GEMM's bias at build time; z is a scalar initializer
+    `<module>.input_shift`, which differs between timestep variants as the activation scale
+    does. Returns the initializer's name."""
+    gs = _gs()
+    name = activation_shift_name(layer.module)
+    z = _const(name, np.array(shift, np.float32))
+    _insert_before(graph, layer, "Sub", f"{layer.scope}/shift/Sub", [z])
+    colsum = _dequantized_weight(layer).sum(axis=layer.k_axis).astype(np.float32)
+    y = layer.node.outputs[0]
+    if len(y.outputs) == 1 and y.outputs[0].op == "Add" and y not in graph.outputs and any(
+            isinstance(t, gs.Constant) or (len(t.inputs) == 1 and t.inputs[0].op == "Identity")
+            for t in y.outputs[0].inputs if t is not y):
+        y = y.outputs[0].outputs[0]  # after the bias Add, which ONNX Runtime fuses with the GEMM
+    correction = gs.Variable(f"{layer.module}.shift_correction", dtype=np.float32)
+    shifted_back = gs.Variable(f"{layer.module}.shifted_back", dtype=np.float32, shape=y.shape)
+    for consumer in list(y.outputs):
+        for i, t in enumerate(consumer.inputs):
+            if t is y:
+                consumer.inputs[i] = shifted_back
+    for i, t in enumerate(graph.outputs):
+        if t is y:
+            graph.outputs[i] = shifted_back
+    graph.nodes.append(gs.Node("Mul", f"{layer.scope}/shift/Mul",
+                               inputs=[_const(f"{layer.module}.weight_colsum", colsum), z],
+                               outputs=[correction]))
+    graph.nodes.append(gs.Node("Add", f"{layer.scope}/shift/Add", inputs=[y, correction],
+                               outputs=[shifted_back]))
+    return name
+
+
+def per_group_constants(graph, tables: Mapping[str, np.ndarray], group_index) -> None:
+    """(scales_in_graph targets) Each scalar constant named in `tables` becomes
+    Gather(its (K,) values per timestep group, `group_index`) wherever it is used."""
+    gs = _gs()
+    picked: dict[str, Any] = {}  # one Gather per constant, however many nodes read it
+    for node in list(graph.nodes):
+        for i, t in enumerate(node.inputs):
+            if isinstance(t, gs.Constant) and t.name in tables:
+                if t.name not in picked:
+                    picked[t.name] = gs.Variable(f"{t.name}_of_group", dtype=np.float32, shape=[])
+                    graph.nodes.append(gs.Node(
+                        "Gather", f"{t.name}/Gather", attrs={"axis": 0},
+                        inputs=[_const(f"{t.name}_by_group", np.asarray(tables[t.name], np.float32)),
+                                group_index], outputs=[picked[t.name]]))
+                node.inputs[i] = picked[t.name]
+
+
 def _int64(graph, name: str, values) -> Any:
     """An int64 Constant node's output: shape inference reads Slice's starts/ends/axes, and
     an initializer would go to the external weight file, where it cannot."""
@@ -762,6 +817,7 @@ class LayerLowering:
     rotate: bool = False
     first_token_fp: bool = False  # BOS-aware: token 0 bypasses the activation Q/DQ
     input_scale: str | None = None  # the activation-scale initializer (differs per variant)
+    input_shift: str | None = None  # the activation-shift initializer (differs per variant)
     shares_input_with: str | None = None  # a layer whose Mul/Q/DQ path this one reuses
 
     def to_json(self) -> dict[str, Any]:
@@ -771,6 +827,8 @@ class LayerLowering:
             out["first_token_fp"] = True
         if self.shares_input_with:
             out["shares_input_with"] = self.shares_input_with
+        if self.input_shift:
+            out["shift"] = True
         return out
 
 
@@ -883,6 +941,9 @@ def lower(model: onnx.ModelProto, plan: Plan, scales: Mapping[str, Any], target:
         if quant_act and (amax is None or _np(amax).shape != (len(plan.timestep_groups),)):
             raise QdqError(f"scales: {m}.a_amax must have one value per timestep group "
                            f"({len(plan.timestep_groups)})")
+        shift = _scale(scales, m, "a_shift") if quant_act else None
+        if shift is not None and (rep.first_token_fp or rep.rotate or m in first_token):
+            raise QdqError(f"{m}: an activation shift on a rotated or BOS-aware layer")
         rep.first_token_fp = m in first_token
         # ORT CPU fuses a weight DQ only with a quantized activation: token 0 gets a float
         # copy of the dequantized weight there; TensorRT reads the one DQ'd weight twice.
@@ -891,8 +952,9 @@ def lower(model: onnx.ModelProto, plan: Plan, scales: Mapping[str, Any], target:
             first_weight = (_const(f"{m}.weight_dequantized_{FIRST_TOKEN_SCOPE}", _dequantized_weight(layer))
                             if target == "ort-cpu" else layer.node.inputs[1])
         key = (layer.node.inputs[0].name, None if s is None else _np(s).tobytes(), rep.rotate,
-               None if amax is None else _np(amax).tobytes(), rep.first_token_fp)
-        if key in paths and (s is not None or rep.rotate or quant_act):
+               None if amax is None else _np(amax).tobytes(), rep.first_token_fp,
+               None if shift is None else _np(shift).tobytes())
+        if key in paths and (s is not None or rep.rotate or quant_act) and shift is None:
             first, tensor, token0 = paths[key]
             if rep.first_token_fp:
                 split_first_token(graph, layer, first_weight, token0)
@@ -905,6 +967,8 @@ def lower(model: onnx.ModelProto, plan: Plan, scales: Mapping[str, Any], target:
         if rep.rotate:
             rotate_activation(graph, layer, hadamards[layer.in_features])
         token0 = split_first_token(graph, layer, first_weight) if rep.first_token_fp else None
+        if shift is not None:
+            rep.input_shift = shift_activation(graph, layer, float(_np(shift)[group]))
         if quant_act:
             quantize_activation(graph, layer, float(_np(amax)[group]), int8_format)
             rep.input_scale = activation_scale_name(m)
@@ -914,8 +978,12 @@ def lower(model: onnx.ModelProto, plan: Plan, scales: Mapping[str, Any], target:
         tables = {rep.input_scale: np.array([_act_scale(float(a)) for a in _np(scales[f"{m}.a_amax"])],
                                             np.float32)
                   for m, rep in report.items() if rep.input_scale is not None and not rep.shares_input_with}
-        if tables:
-            integer_matmuls(graph, tables, timestep_group_index(graph, plan.timestep_groups))
+        shifts = {rep.input_shift: _np(scales[f"{m}.a_shift"]).astype(np.float32)
+                  for m, rep in report.items() if rep.input_shift is not None}
+        if tables or shifts:
+            index = timestep_group_index(graph, plan.timestep_groups)
+            integer_matmuls(graph, tables, index)
+            per_group_constants(graph, shifts, index)
         left = [n.name for n in graph.nodes if n.op == "QuantizeLinear" and isinstance(n.inputs[1], gs.Constant)]
         if left:
             raise QdqError(f"{left[0]}: a quantized activation that is not an int8 MatMul input "
@@ -961,11 +1029,14 @@ def constants_to_initializers(graph, min_bytes: int = 1024) -> int:
 
 def group_activation_scales(plan: Plan, scales: Mapping[str, Any], report: Mapping[str, LayerLowering],
                             group: int) -> dict[str, np.float32]:
-    """Initializer name -> activation scale of timestep group `group`."""
+    """Initializer name -> activation scale (and activation shift) of timestep group `group`:
+    the scalars in which the variants of a graph differ."""
     out = {}
     for m, rep in report.items():
         if rep.input_scale is not None:
             out[rep.input_scale] = _act_scale(float(_np(scales[f"{m}.a_amax"])[group]))
+        if rep.input_shift is not None:
+            out[rep.input_shift] = np.float32(_np(scales[f"{m}.a_shift"])[group])
     return out
 
 

@@ -369,6 +369,60 @@ def test_vidit_w8a8_plan_with_groups_smoothing_and_rotation(dit_tiny, stats):
                                           "w_granularity": "block128"}]), stats=stats)
 
 
+def test_activation_shift_centres_a_one_sided_range_on_whole_grid_steps():
+    from effgen.calib.calibrate import activation_shift
+    from effgen.calib.stats import Statistics
+
+    # Two steps; a GELU-like input (>= -0.17) in channel 0, a symmetric one in channel 1.
+    hi = torch.tensor([[3.0, 0.5], [2.0, 0.5]])
+    lo = torch.tensor([[-0.17, -0.5], [-0.1, -0.5]])
+    stats = Statistics([900, 100], {"L": torch.maximum(hi, -lo)}, {}, {}, maximum={"L": hi},
+                       minimum={"L": lo})
+    amax, shift = activation_shift(stats, "L", [(0, 499), (500, 999)], 8, None)
+    for g, (h, l) in enumerate([(2.0, -0.5), (3.0, -0.5)]):
+        step, k = amax[g] / 127, shift[g] / (amax[g] / 127)
+        assert abs(k - round(float(k))) < 1e-4 and abs(k) < 127  # whole steps: a uint8 zero point
+        assert shift[g] - 128 * step <= l + 1e-6 and h <= shift[g] + 127 * step + 1e-6  # covers [lo, hi]
+        assert amax[g] < 0.51 * (h + 0.5 + h)  # the grid spans the range, not twice the absmax
+    # A smoothing vector divides the channels first; a symmetric range gets no shift.
+    amax_s, shift_s = activation_shift(stats, "L", [(0, 999)], 8, torch.tensor([6.0, 0.5]))
+    assert abs(float(shift_s[0])) < 0.02 * float(amax_s[0])  # channel 1 (+-1) sets the range
+    with pytest.raises(ValueError, match="collect them again"):
+        activation_shift(Statistics([1], {"L": hi}, {}, {}), "L", [(0, 999)], 8, None)
+
+
+def test_act_shift_lowers_the_simulated_error_and_refuses_what_it_cannot_combine_with(dit_tiny, stats):
+    from effgen.calib.calibrate import calibrate
+
+    raw = json.loads((PLANS / "w8a8.json").read_text())
+    raw["techniques"]["timestep_grouping"] = {"k": 1}
+    shifted = json.loads(json.dumps(raw))
+    shifted["techniques"]["act_shift"] = {"layers": [r"\.ff\.net\.2$"]}
+    plan, scales = calibrate(dit_tiny, raw, stats=stats)
+    plan_s, scales_s = calibrate(dit_tiny, shifted, stats=stats)
+    name = "transformer.transformer_blocks.0.ff.net.2"
+    assert plan_s.provenance["act_shift"] == [name, "transformer.transformer_blocks.1.ff.net.2"]
+    assert f"{name}.a_shift" in scales_s and f"{name}.a_shift" not in scales
+    # GELU outputs are one-sided: the shifted grid is finer than the absmax grid.
+    assert (scales_s[f"{name}.a_amax"] < 0.85 * scales[f"{name}.a_amax"]).all()
+    # The smoothing and weights are the same; only the activation grid moved.
+    assert torch.equal(scales_s[f"{name}.smooth"], scales[f"{name}.smooth"])
+    sqnr, _ = _simulated_sqnr(dit_tiny, plan, scales, t=900.0)
+    sqnr_s, _ = _simulated_sqnr(dit_tiny, plan_s, scales_s, t=900.0)
+    assert sqnr_s > sqnr, (sqnr_s, sqnr)
+    bad = json.loads(json.dumps(shifted))
+    bad["techniques"]["act_scale"] = {"method": "percentile"}
+    with pytest.raises(PlanError, match="min-max"):
+        calibrate(dit_tiny, bad, stats=stats)
+    bad = json.loads(json.dumps(shifted))
+    bad["techniques"]["rotation"] = {"layers": [r"\.ff\.net\.2$"]}
+    with pytest.raises(PlanError, match="rotated or BOS-aware"):
+        calibrate(dit_tiny, bad, stats=stats)
+    bad["techniques"] = {"act_shift": {"layers": ["no_such_layer"]}}
+    with pytest.raises(PlanError, match="act_shift"):
+        calibrate(dit_tiny, bad, stats=stats)
+
+
 def test_scales_file_refuses_another_plans_hash(dit_tiny, stats, tmp_path):
     from effgen.calib.calibrate import calibrate, resolve_for_model
 

@@ -652,3 +652,44 @@ def test_layers_reading_one_tensor_the_same_way_share_one_qdq(tiny, tmp_path):
     q = Quantization(plan, scales, "ort-cpu", "test")
     for i, f in enumerate(files):
         assert simulation_sqnr(d, q, tmp_path / f, d.example_inputs(2, seed=3), i, d.input_names, 1) >= 35
+
+
+@pytest.mark.parametrize("name", ["dit-tiny", "pixart-tiny"])
+def test_activation_shift_is_a_sub_before_q_and_a_bias_correction_matching_the_simulation(
+        tiny, tmp_path, name):
+    """techniques.act_shift: x - z into the Q/DQ (z per timestep variant, or chosen by the
+    timestep on ort-cpu) and z * colsum(W) after the layer's bias, on both targets."""
+    from effgen.calib.calibrate import calibrate
+    from effgen.exporter.quantized import Quantization, simulation_sqnr
+
+    d, model, stats = tiny[name]
+    raw = json.loads((PLANS / "w8a8.json").read_text())
+    raw["techniques"]["act_shift"] = {"layers": [r"\.ff\.net\.2$"]}
+    layer = "transformer.transformer_blocks.1.ff.net.2"
+    for target in ("trt", "ort-cpu"):
+        plan, scales = calibrate(d, raw, target, stats=stats)
+        assert len(plan.timestep_groups) == 2
+        out = tmp_path / target
+        out.mkdir()
+        files, _, report = qdq.write_variants(model, plan, scales, target, out, "denoiser")
+        assert report[layer].input_shift == f"{layer}.input_shift"
+        assert report[layer].to_json()["shift"] is True
+        graphs = [onnx.load(str(out / f), load_external_data=False) for f in files]
+        nodes = {n.name: n for n in graphs[0].graph.node}
+        scope = "/transformer/transformer_blocks.1/ff/net.2"
+        sub = nodes[f"{scope}/shift/Sub"]
+        consumers = [n for n in graphs[0].graph.node if sub.output[0] in n.input]
+        assert [n.op_type for n in consumers] == ["QuantizeLinear"]
+        assert nodes[f"{scope}/shift/Add"].op_type == "Add"
+        if target == "trt":  # one graph per group: the shift is an inline scalar of each
+            z = [onnx.numpy_helper.to_array(next(t for t in g.graph.initializer
+                                                 if t.name == f"{layer}.input_shift")) for g in graphs]
+            assert [float(v) for v in z] == pytest.approx(scales[f"{layer}.a_shift"].tolist())
+            assert qdq.check_model(onnx.load(str(out / files[0])), target) == []
+        else:
+            assert len(files) == 1 and f"{layer}.input_shift/Gather" in nodes
+        q = Quantization(plan, scales, target, "test")
+        for g in range(len(plan.timestep_groups)):
+            got = simulation_sqnr(d, q, out / qdq.graph_of_group(files, g), d.example_inputs(2, seed=11),
+                                  g, d.input_names, threads=1)
+            assert got >= 35, (target, g, got)
