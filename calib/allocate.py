@@ -338,12 +338,14 @@ def _label(p: LayerPrecision) -> str:
 
 # Techniques of samples/plans/w4a8.json (smoothing alpha 0.8 on the block Linears whose
 # activations the target quantizes, min-max activation scales, MSE-searched weight scales,
-# GPTQ weight rounding, 2 timestep groups) plus MixDQ's BOS-aware text embedding. A constant
-# here because the installed package does not ship samples/.
+# GPTQ weight rounding, 2 timestep groups) plus w8a8.json's activation shift on the FFN output
+# layers and MixDQ's BOS-aware text embedding. A constant here because the installed package
+# does not ship samples/.
 DEFAULT_TECHNIQUES: dict[str, Any] = {
     "smoothing": {"alpha": 0.8,
                   "layers": [r"(\.attn\d\.to_[qkv]|\.attn\.qkv)$", r"(\.attn\d\.to_out\.0|\.attn\.proj)$",
                              r"(\.ff\.net\.(0\.proj|2)|\.mlp\.fc[12])$"]},  # PixArt/DiT | ECAR
+    "act_shift": {"layers": [r"(\.ff\.net\.2|\.mlp\.fc2)$"]},  # GELU outputs, as w8a8.json
     "act_scale": {"method": "minmax"},
     "weight_scale": {"method": "mse"},
     "weight_rounding": {"method": "gptq", "damp": 0.01},

@@ -475,7 +475,10 @@ def test_variants_share_one_weight_file(tiny, tmp_path):
     a = {t.name: nh.to_array(t) for t in graphs[0].graph.initializer if t.data_location != TP.EXTERNAL}
     b = {t.name: nh.to_array(t) for t in graphs[1].graph.initializer if t.data_location != TP.EXTERNAL}
     differ = {k for k in a if not np.array_equal(a[k], b[k])}
-    assert differ and differ <= {qdq.activation_scale_name(m) for m in report}
+    # only the per-variant scalars: activation scales and the FFN outputs' activation shifts
+    assert differ and differ <= ({qdq.activation_scale_name(m) for m in report}
+                                 | {qdq.activation_shift_name(m) for m in report})
+    assert any(k.endswith(".input_shift") for k in differ)
     assert [n for n in graphs[0].graph.node] == [n for n in graphs[1].graph.node]
     def big_constants(g):  # (e.g. the positional embedding)
         return [n.name for n in g.graph.node if n.op_type == "Constant"
