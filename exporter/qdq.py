@@ -492,16 +492,22 @@ def activation_scale_name(module: str) -> str:
     return f"{module}.input_scale"
 
 
-def quantize_activation(graph, layer: Layer, amax: float, int8_format: str = "s8s8") -> None:
+def quantize_activation(graph, layer: Layer, amax: float, int8_format: str = "s8s8",
+                        shift_steps: int = 0) -> None:
     """QuantizeLinear -> DequantizeLinear on the layer's input, per tensor, int8, zero point
     0, scale amax / 127 (the scale is a scalar initializer named `<module>.input_scale`, the
     one thing that differs between timestep variants). `int8_format="u8s8"`: uint8 with zero
-    point 128, the same grid shifted (what ONNX Runtime's U8S8 kernels take)."""
+    point 128, the same grid shifted (what ONNX Runtime's U8S8 kernels take); there an
+    activation shift of k grid steps (techniques.act_shift) is the zero point 128 - k:
+    DQ(Q(x)) = s round(x / s) clamped to [(k - 128) s, (k + 127) s], which is the simulation's
+    shift exactly, with no extra node."""
     gs = _gs()
     scale = _act_scale(amax)
     sc = _const(activation_scale_name(layer.module), np.array(scale, np.float32))
-    zp = _const(f"{layer.module}.input_zero_point",
-                np.array(128, np.uint8) if int8_format == "u8s8" else np.array(0, np.int8))
+    if shift_steps and int8_format != "u8s8":
+        raise QdqError(f"{layer.module}: a zero-point shift needs uint8 activations (u8s8)")
+    zp = _const(activation_zero_point_name(layer.module),
+                np.array(128 - shift_steps, np.uint8) if int8_format == "u8s8" else np.array(0, np.int8))
     base = f"{layer.scope}/input"
     x = layer.node.inputs[0]
     xq = gs.Variable(f"{layer.module}.input_quantized", dtype=zp.values.dtype, shape=x.shape)
@@ -515,8 +521,18 @@ def activation_shift_name(module: str) -> str:
     return f"{module}.input_shift"
 
 
+def activation_zero_point_name(module: str) -> str:
+    return f"{module}.input_zero_point"
+
+
+def shift_steps(amax: float, shift: float) -> int:
+    """The activation shift in grid steps of scale amax / 127 (calibration makes it whole)."""
+    return int(round(float(shift) / float(_act_scale(amax))))
+
+
 def shift_activation(graph, layer: Layer, shift: float) -> str:
-    """(techniques.act_shift; before quantize_activation, after quantize_weight) x - z into
+    """(techniques.act_shift on s8s8 targets: TensorRT, whose zero points are 0; before
+    quantize_activation, after quantize_weight) x - z into
     the layer's activation quantization and z * colsum(W) added to its output (after its
     bias): y = W (x - z) + b + W z. colsum(W) is of the weight as the graph dequantizes it,
     a constant TensorRT folds into the GEMM's bias at build time; z is a scalar initializer
@@ -551,18 +567,20 @@ def shift_activation(graph, layer: Layer, shift: float) -> str:
 
 def per_group_constants(graph, tables: Mapping[str, np.ndarray], group_index) -> None:
     """(scales_in_graph targets) Each scalar constant named in `tables` becomes
-    Gather(its (K,) values per timestep group, `group_index`) wherever it is used."""
+    Gather(its (K,) values per timestep group, `group_index`) wherever it is used (a uint8
+    table for zero points)."""
     gs = _gs()
     picked: dict[str, Any] = {}  # one Gather per constant, however many nodes read it
     for node in list(graph.nodes):
         for i, t in enumerate(node.inputs):
             if isinstance(t, gs.Constant) and t.name in tables:
                 if t.name not in picked:
-                    picked[t.name] = gs.Variable(f"{t.name}_of_group", dtype=np.float32, shape=[])
+                    table = np.asarray(tables[t.name])
+                    picked[t.name] = gs.Variable(f"{t.name}_of_group", dtype=table.dtype, shape=[])
                     graph.nodes.append(gs.Node(
                         "Gather", f"{t.name}/Gather", attrs={"axis": 0},
-                        inputs=[_const(f"{t.name}_by_group", np.asarray(tables[t.name], np.float32)),
-                                group_index], outputs=[picked[t.name]]))
+                        inputs=[_const(f"{t.name}_by_group", table), group_index],
+                        outputs=[picked[t.name]]))
                 node.inputs[i] = picked[t.name]
 
 
@@ -818,6 +836,7 @@ class LayerLowering:
     first_token_fp: bool = False  # BOS-aware: token 0 bypasses the activation Q/DQ
     input_scale: str | None = None  # the activation-scale initializer (differs per variant)
     input_shift: str | None = None  # the activation-shift initializer (differs per variant)
+    shift_zero_point: str | None = None  # u8s8: the zero point that carries the shift
     shares_input_with: str | None = None  # a layer whose Mul/Q/DQ path this one reuses
 
     def to_json(self) -> dict[str, Any]:
@@ -827,8 +846,8 @@ class LayerLowering:
             out["first_token_fp"] = True
         if self.shares_input_with:
             out["shares_input_with"] = self.shares_input_with
-        if self.input_shift:
-            out["shift"] = True
+        if self.input_shift or self.shift_zero_point:
+            out["shift"] = "zero point" if self.shift_zero_point else "sub"
         return out
 
 
@@ -967,10 +986,14 @@ def lower(model: onnx.ModelProto, plan: Plan, scales: Mapping[str, Any], target:
         if rep.rotate:
             rotate_activation(graph, layer, hadamards[layer.in_features])
         token0 = split_first_token(graph, layer, first_weight) if rep.first_token_fp else None
-        if shift is not None:
+        steps = 0
+        if shift is not None and int8_format == "u8s8":
+            steps = shift_steps(float(_np(amax)[group]), float(_np(shift)[group]))
+            rep.shift_zero_point = activation_zero_point_name(m)
+        elif shift is not None:
             rep.input_shift = shift_activation(graph, layer, float(_np(shift)[group]))
         if quant_act:
-            quantize_activation(graph, layer, float(_np(amax)[group]), int8_format)
+            quantize_activation(graph, layer, float(_np(amax)[group]), int8_format, steps)
             rep.input_scale = activation_scale_name(m)
         # per-token A8 exists only as ort-cpu W4 (MatMulNBits quantizes its input itself).
         paths[key] = (m, layer.node.inputs[0], token0)
@@ -980,6 +1003,9 @@ def lower(model: onnx.ModelProto, plan: Plan, scales: Mapping[str, Any], target:
                   for m, rep in report.items() if rep.input_scale is not None and not rep.shares_input_with}
         shifts = {rep.input_shift: _np(scales[f"{m}.a_shift"]).astype(np.float32)
                   for m, rep in report.items() if rep.input_shift is not None}
+        shifts.update({rep.shift_zero_point: np.array(
+            [128 - shift_steps(a, z) for a, z in zip(_np(scales[f"{m}.a_amax"]), _np(scales[f"{m}.a_shift"]))],
+            np.uint8) for m, rep in report.items() if rep.shift_zero_point is not None})
         if tables or shifts:
             index = timestep_group_index(graph, plan.timestep_groups)
             integer_matmuls(graph, tables, index)
@@ -1164,7 +1190,9 @@ def check_model(model: onnx.ModelProto, target: str, base_dir: Path | None = Non
     with a power-of-two block >= 16 feeding a MatMul (MatMulNBits); the integer form of
     `integer_matmuls`: a QuantizeLinear may take its scale from a Gather of a constant
     per-group table and feed a MatMulInteger, whose weight is constant INT8 on the 7-bit grid,
-    A zero point UINT8 128 and weight zero point 0 (a MatMulInteger is a violation on trt).
+    A zero point UINT8 (constant, or Gather'ed from a per-group table: 128 is the symmetric
+    int8 grid shifted, 128 - k an activation shift of k steps) and weight zero point 0 (a
+    MatMulInteger is a violation on trt).
     """
     if target not in TARGETS:
         raise QdqError(f"target: {target!r} is not one of {', '.join(TARGETS)}")
@@ -1199,6 +1227,14 @@ def check_model(model: onnx.ModelProto, target: str, base_dir: Path | None = Non
             return next(a.t for a in consts[name].attribute if a.name == "value").data_type
         return None
 
+    def uint8_table(name):
+        """The constant table of a per-group uint8 zero point (ort-cpu), else None."""
+        p = producers.get(name)
+        if (target == "ort-cpu" and p is not None and p.op_type == "Gather" and is_const(p.input[0])
+                and dtype(p.input[0]) == TensorProto.UINT8):
+            return p.input[0]
+        return None
+
     signed = (TensorProto.INT8, TensorProto.INT4)
     for n in g.node:
         if n.op_type not in QDQ_OPS:
@@ -1220,15 +1256,15 @@ def check_model(model: onnx.ModelProto, target: str, base_dir: Path | None = Non
         weight = n.op_type == "DequantizeLinear" and is_const(data_name)
         data_type = dtype(data_name) if weight else None
         if zp_name:
-            if not is_const(zp_name):
-                bad(n, "zero point is not a constant")
-            else:
+            zp_table = uint8_table(zp_name)
+            if not is_const(zp_name) and zp_table is None:
+                bad(n, "zero point is not a constant" + (
+                    "" if target != "ort-cpu" else " (or one of a constant per-group UINT8 table)"))
+            elif zp_table is None:
                 zt = dtype(zp_name)
                 z = const_array(zp_name)
                 if zt == TensorProto.UINT8 and target == "ort-cpu":
-                    if z is not None and np.any(z != 128):
-                        bad(n, "UINT8 zero point other than 128 (quantization must be symmetric: "
-                            "U8 with zero point 128 is the int8 grid shifted)")
+                    pass  # the int8 grid shifted: 128, or 128 - k for an activation shift
                 elif zt not in signed:
                     bad(n, f"zero point type {onnx.helper.tensor_dtype_to_string(zt)} is not signed "
                         "(symmetric S8/S4 quantization needs INT8/INT4, zero point 0)")
@@ -1351,9 +1387,9 @@ def check_model(model: onnx.ModelProto, target: str, base_dir: Path | None = Non
             if q is not None and q.size and int(np.abs(q.astype(np.int16)).max()) > 64:
                 bad(n, BEYOND_7_BITS)
         za = n.input[2] if len(n.input) > 2 else ""
-        z = const_array(za) if za and is_const(za) else None
-        if not za or not is_const(za) or dtype(za) != TensorProto.UINT8 or (z is not None and np.any(z != 128)):
-            bad(n, "A zero point must be a constant UINT8 128 (the symmetric int8 grid, shifted)")
+        if not za or (uint8_table(za) is None and (not is_const(za) or dtype(za) != TensorProto.UINT8)):
+            bad(n, "A zero point must be UINT8, a constant or one of a constant per-group table "
+                "(128: the symmetric int8 grid shifted; 128 - k: an activation shift)")
         zb = n.input[3] if len(n.input) > 3 else ""
         z = const_array(zb) if zb and is_const(zb) else None
         if zb and (not is_const(zb) or (z is not None and np.any(z != 0))):

@@ -290,10 +290,10 @@ def test_gemm_and_bias_shaping_fuse_on_ort_cpu(tmp_path):
             continue
         assert qdq.quantized_layers(out) == {"blk.lin": "W8A8"}
         assert [v.op for v in qdq.check_model(out, "trt")].count("MatMulInteger") == 1
-        shifted = copy.deepcopy(out)  # an A zero point off the symmetric grid is named
-        next(t for t in shifted.graph.initializer if t.name == "blk.lin.input_zero_point").CopyFrom(
-            nh.from_array(np.array(127, np.uint8), "blk.lin.input_zero_point"))
-        assert any(v.op == "MatMulInteger" and "128" in v.rule for v in qdq.check_model(shifted, "ort-cpu"))
+        signed = copy.deepcopy(out)  # a signed A zero point is named (MLAS's U8S8 takes uint8)
+        next(t for t in signed.graph.initializer if t.name == "blk.lin.input_zero_point").CopyFrom(
+            nh.from_array(np.array(0, np.int8), "blk.lin.input_zero_point"))
+        assert any(v.op == "MatMulInteger" and "UINT8" in v.rule for v in qdq.check_model(signed, "ort-cpu"))
         wq = np.clip(np.round(w / sc[:, None]), -64, 63) * sc[:, None]
         for t, a in zip(starts, amax):  # each group's scale, exactly the QDQ arithmetic
             xs = np.float32(a) / np.float32(127)
@@ -658,39 +658,46 @@ def test_layers_reading_one_tensor_the_same_way_share_one_qdq(tiny, tmp_path):
 
 
 @pytest.mark.parametrize("name", ["dit-tiny", "pixart-tiny"])
-def test_activation_shift_is_a_sub_before_q_and_a_bias_correction_matching_the_simulation(
-        tiny, tmp_path, name):
-    """techniques.act_shift: x - z into the Q/DQ (z per timestep variant, or chosen by the
-    timestep on ort-cpu) and z * colsum(W) after the layer's bias, on both targets."""
+def test_activation_shift_lowers_per_target_and_matches_the_simulation(tiny, tmp_path, name):
+    """techniques.act_shift. TensorRT (zero points 0): x - z into the Q/DQ, z an inline scalar
+    of each timestep variant, and z * colsum(W) after the layer's bias. ONNX Runtime CPU
+    (uint8 activations): no extra node, the zero point 128 - k picked by the timestep, still
+    one fused MatMulIntegerToFloat."""
     from effgen.calib.calibrate import calibrate
     from effgen.exporter.quantized import Quantization, simulation_sqnr
 
     d, model, stats = tiny[name]
     raw = json.loads((PLANS / "w8a8.json").read_text())
-    raw["techniques"]["act_shift"] = {"layers": [r"\.ff\.net\.2$"]}
+    assert raw["techniques"]["act_shift"]
     layer = "transformer.transformer_blocks.1.ff.net.2"
+    scope = "/transformer/transformer_blocks.1/ff/net.2"
     for target in ("trt", "ort-cpu"):
         plan, scales = calibrate(d, raw, target, stats=stats)
         assert len(plan.timestep_groups) == 2
         out = tmp_path / target
         out.mkdir()
         files, _, report = qdq.write_variants(model, plan, scales, target, out, "denoiser")
-        assert report[layer].input_shift == f"{layer}.input_shift"
-        assert report[layer].to_json()["shift"] is True
         graphs = [onnx.load(str(out / f), load_external_data=False) for f in files]
         nodes = {n.name: n for n in graphs[0].graph.node}
-        scope = "/transformer/transformer_blocks.1/ff/net.2"
-        sub = nodes[f"{scope}/shift/Sub"]
-        consumers = [n for n in graphs[0].graph.node if sub.output[0] in n.input]
-        assert [n.op_type for n in consumers] == ["QuantizeLinear"]
-        assert nodes[f"{scope}/shift/Add"].op_type == "Add"
-        if target == "trt":  # one graph per group: the shift is an inline scalar of each
+        if target == "trt":
+            assert report[layer].to_json()["shift"] == "sub"
+            sub = nodes[f"{scope}/shift/Sub"]
+            assert [n.op_type for n in graphs[0].graph.node if sub.output[0] in n.input] == ["QuantizeLinear"]
+            assert nodes[f"{scope}/shift/Add"].op_type == "Add"
             z = [onnx.numpy_helper.to_array(next(t for t in g.graph.initializer
                                                  if t.name == f"{layer}.input_shift")) for g in graphs]
             assert [float(v) for v in z] == pytest.approx(scales[f"{layer}.a_shift"].tolist())
-            assert qdq.check_model(onnx.load(str(out / files[0])), target) == []
         else:
-            assert len(files) == 1 and f"{layer}.input_shift/Gather" in nodes
+            assert report[layer].to_json()["shift"] == "zero point" and len(files) == 1
+            assert not any("/shift/" in n for n in nodes)
+            full = onnx.load(str(out / files[0]))
+            zp = next(t for t in full.graph.initializer if t.name == f"{layer}.input_zero_point_by_group")
+            steps = scales[f"{layer}.a_shift"] / (scales[f"{layer}.a_amax"] / 127)
+            assert onnx.numpy_helper.to_array(zp).tolist() == (128 - steps.round()).int().tolist()
+            assert (steps.round() != 0).all()
+            ops = [op for op, n in qdq.ort_optimized_nodes(out / files[0]) if n.startswith(scope)]
+            assert "MatMulIntegerToFloat" in ops and "MatMulInteger" not in ops
+        assert qdq.check_model(onnx.load(str(out / files[0])), target) == []
         q = Quantization(plan, scales, target, "test")
         for g in range(len(plan.timestep_groups)):
             got = simulation_sqnr(d, q, out / qdq.graph_of_group(files, g), d.example_inputs(2, seed=11),
