@@ -802,7 +802,7 @@ def integer_matmuls(graph, scale_tables: Mapping[str, np.ndarray], group_index) 
             consts = [t for t in add.inputs if isinstance(t, gs.Constant)]
             if len(consts) == 1 and _values(consts[0]).size == int(w_scale.shape[0]) \
                     and all(d == 1 for d in consts[0].shape[:-1]):
-                bias = _const(f"{m}.bias", _values(consts[0]).reshape(-1).astype(np.float32))
+                bias = _const(f"{m}.bias_1d", _values(consts[0]).reshape(-1).astype(np.float32))
             else:
                 add = None
         out = add.outputs[0] if add is not None else y
