@@ -208,7 +208,7 @@ def activation_shift(stats: Statistics, name: str, ranges: Sequence[tuple[int, i
     """((G,) amax, (G,) shift) per timestep group of a shifted layer (techniques.act_shift):
     x - shift is quantized on the symmetric grid of amax, which covers the (smoothed) input's
     range [lo, hi] exactly, from the signed per-channel extremes. The shift is a whole number
-    k of grid steps (|k| <= qmax), so ONNX Runtime's uint8 zero point 128 - k carries it
+    k of grid steps (|k| < qmax), so ONNX Runtime's uint8 zero point 128 - k carries it
     exactly; TensorRT, whose zero points are 0, subtracts it and adds W shift to the bias."""
     if name not in stats.maximum:
         raise ValueError(f"no signed extremes for {name}: the statistics predate activation "

@@ -107,7 +107,7 @@ class _SimBase(torch.nn.Module):
         if p.a_granularity == "per_token":  # ort-cpu W4: MatMulNBits quantizes per K block
             block = int4_block_size(p, x.shape[ch]) if p.w_bits == 4 else None
             return fake_quant_per_token(x, p.a_bits, channel_dim=ch, block=block)
-        if self.a_shift is not None:  # the exporters add W shift to the bias instead
+        if self.a_shift is not None:  # exported: a zero point (ort-cpu), Sub + bias (TensorRT)
             z = self.a_shift[self.ctx.current()]
             return fake_quant_per_tensor(x - z, self.a_amax[self.ctx.current()], p.a_bits) + z
         q = fake_quant_per_tensor(x, self.a_amax[self.ctx.current()], p.a_bits)

@@ -525,7 +525,7 @@ def activation_zero_point_name(module: str) -> str:
     return f"{module}.input_zero_point"
 
 
-def shift_steps(amax: float, shift: float) -> int:
+def shift_in_steps(amax: float, shift: float) -> int:
     """The activation shift in grid steps of scale amax / 127 (calibration makes it whole)."""
     return int(round(float(shift) / float(_act_scale(amax))))
 
@@ -545,9 +545,8 @@ def shift_activation(graph, layer: Layer, shift: float) -> str:
     colsum = _dequantized_weight(layer).sum(axis=layer.k_axis).astype(np.float32)
     y = layer.node.outputs[0]
     if len(y.outputs) == 1 and y.outputs[0].op == "Add" and y not in graph.outputs and any(
-            isinstance(t, gs.Constant) or (len(t.inputs) == 1 and t.inputs[0].op == "Identity")
-            for t in y.outputs[0].inputs if t is not y):
-        y = y.outputs[0].outputs[0]  # after the bias Add, which ONNX Runtime fuses with the GEMM
+            isinstance(t, gs.Constant) for t in y.outputs[0].inputs):
+        y = y.outputs[0].outputs[0]  # after the bias Add (bias_to_2d made it a constant)
     correction = gs.Variable(f"{layer.module}.shift_correction", dtype=np.float32)
     shifted_back = gs.Variable(f"{layer.module}.shifted_back", dtype=np.float32, shape=y.shape)
     for consumer in list(y.outputs):
@@ -961,7 +960,7 @@ def lower(model: onnx.ModelProto, plan: Plan, scales: Mapping[str, Any], target:
             raise QdqError(f"scales: {m}.a_amax must have one value per timestep group "
                            f"({len(plan.timestep_groups)})")
         shift = _scale(scales, m, "a_shift") if quant_act else None
-        if shift is not None and (rep.first_token_fp or rep.rotate or m in first_token):
+        if shift is not None and (rep.rotate or m in first_token):
             raise QdqError(f"{m}: an activation shift on a rotated or BOS-aware layer")
         rep.first_token_fp = m in first_token
         # ORT CPU fuses a weight DQ only with a quantized activation: token 0 gets a float
@@ -988,7 +987,7 @@ def lower(model: onnx.ModelProto, plan: Plan, scales: Mapping[str, Any], target:
         token0 = split_first_token(graph, layer, first_weight) if rep.first_token_fp else None
         steps = 0
         if shift is not None and int8_format == "u8s8":
-            steps = shift_steps(float(_np(amax)[group]), float(_np(shift)[group]))
+            steps = shift_in_steps(float(_np(amax)[group]), float(_np(shift)[group]))
             rep.shift_zero_point = activation_zero_point_name(m)
         elif shift is not None:
             rep.input_shift = shift_activation(graph, layer, float(_np(shift)[group]))
@@ -1004,7 +1003,7 @@ def lower(model: onnx.ModelProto, plan: Plan, scales: Mapping[str, Any], target:
         shifts = {rep.input_shift: _np(scales[f"{m}.a_shift"]).astype(np.float32)
                   for m, rep in report.items() if rep.input_shift is not None}
         shifts.update({rep.shift_zero_point: np.array(
-            [128 - shift_steps(a, z) for a, z in zip(_np(scales[f"{m}.a_amax"]), _np(scales[f"{m}.a_shift"]))],
+            [128 - shift_in_steps(a, z) for a, z in zip(_np(scales[f"{m}.a_amax"]), _np(scales[f"{m}.a_shift"]))],
             np.uint8) for m, rep in report.items() if rep.shift_zero_point is not None})
         if tables or shifts:
             index = timestep_group_index(graph, plan.timestep_groups)
