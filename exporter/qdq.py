@@ -535,7 +535,7 @@ def shift_activation(graph, layer: Layer, shift: float) -> str:
     quantize_activation, after quantize_weight) x - z into
     the layer's activation quantization and z * colsum(W) added to its output (after its
     bias): y = W (x - z) + b + W z. colsum(W) is of the weight as the graph dequantizes it,
-    a constant TensorRT folds into the GEMM's bias at build time; z is a scalar initializer
+    so z * colsum(W) is a product of constants for TensorRT's build to fold; z is a scalar initializer
     `<module>.input_shift`, which differs between timestep variants as the activation scale
     does. Returns the initializer's name."""
     gs = _gs()
