@@ -96,6 +96,15 @@ def _mean(losses: list[torch.Tensor]) -> float:
     return float(torch.stack(losses).float().mean()) if losses else float("nan")
 
 
+def checkpoint_steps(path) -> int:
+    """The optimizer steps a checkpoint of the training scripts was saved at (its metadata):
+    where a resumed run counts on from."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        return int((f.metadata() or {})["steps"])
+
+
 def min_snr_weight(alphas_cumprod: torch.Tensor, gamma: float, v_prediction: bool) -> torch.Tensor:
     """Min-SNR-gamma loss weights (Hang et al. 2023) for the samples' alpha_bar: the x0-space
     error weighted by min(SNR, gamma), expressed for the network's target, so

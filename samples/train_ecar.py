@@ -35,7 +35,7 @@ import torch
 from effgen.models.configs import get_spec
 from effgen.models.denoiser import WEIGHTS_DIR
 from effgen.models.ecar import ECAR, config_of, load_checkpoint, save_checkpoint
-from effgen.models.training import TrainConfig, train, training_pictures
+from effgen.models.training import TrainConfig, checkpoint_steps, train, training_pictures
 
 MODELS = ("ecar-ref", "ecar-flowar-ref", "ecar-single-stage-ref", "ecar-tiny")
 
@@ -80,11 +80,8 @@ def main(argv=None):
     torch.manual_seed(args.seed)
     first_step = 0
     if args.resume:
-        from safetensors import safe_open
-
         model = load_checkpoint(out, cfg).train().to(dev)
-        with safe_open(str(out), "pt") as f:
-            first_step = int(f.metadata()["steps"])
+        first_step = checkpoint_steps(out)
         print(f"resuming from {out} at step {first_step}", flush=True)
     else:
         model = ECAR(cfg).train().to(dev)
