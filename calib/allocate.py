@@ -26,9 +26,9 @@ same is done per timestep group and a candidate's normalised loss is its worst g
 the plan has one precision per layer for every group (all variants share the weights,
 DESIGN §4), so a layer that hurts at some timesteps is protected at all of them.
 
-Budgets. `weight_bits`: the average weight bits of the allocatable layers, weighted by their
-parameter counts, at the precision the target runs (a W4 Conv counts 8). `weight_mb`: the
-denoiser's shipped weight bytes / 1e6 on the target, as calib.cost.weight_bytes counts them
+Budgets. `weight_bits`: the average weight bits of the allocatable layers (embedders and
+adaLN included: sensitivity.allocatable_layers), weighted by their parameter counts, at the
+precision the target runs (a W4 Conv counts 8). `weight_mb`: the denoiser's shipped weight bytes / 1e6 on the target, as calib.cost.weight_bytes counts them
 (scales, smoothing vectors and FP layers included). `act_bits`: the average activation
 bits as the target runs them, weighted by each layer's input values per denoiser call. By
 default it is what the uniform plan at the lowest weight bits runs at (W4A8 everywhere): a
@@ -36,9 +36,9 @@ mixed plan never runs wider activations than the plan it refines. On TensorRT th
 because a W4 layer's activations run FP16 whatever the plan says (weight-only INT4, DESIGN
 §3), so the allocator may give a sensitive layer W8A16 (weight-only INT8: the same FP16
 GEMM as its W4 neighbours) instead of only W8A8, which would add activation quantization
-the uniform plan does not have. (samples/quality_table.py, pixart-ref, 4.5 bits: +2.2 dB
-over uniform W4A8 this way; counting planned bits, i.e. W4A8 or W8A8 only, gave +0.8 dB on
-the previous weights.) The sensitivity of a candidate is always measured at its effective precision,
+the uniform plan does not have. (samples/quality_table.py, pixart-ref at 4.5 bits, on
+earlier weights: +2.2 dB over uniform W4A8 this way, +0.8 dB counting planned bits, i.e.
+W4A8 or W8A8 only.) The sensitivity of a candidate is always measured at its effective precision,
 and the provenance records planned and effective activation averages.
 
 The solvers are numpy/scipy only.
@@ -287,9 +287,9 @@ def mixed_precision_plan(sens, *, weight_bits: float | None = None, weight_mb: f
                          allocator: str = "ilp", all_modules: Sequence[str] | None = None,
                          command: str | None = None) -> tuple[dict[str, Any], Allocation]:
     """A plan document (effgen.plan/1) whose `layers` map gives every allocatable layer the
-    candidate the allocator chose (and every other module in `all_modules` FP), with the
-    sensitivity's techniques, the budget and the provenance (achieved averages, scores,
-    solver status, allocator, command). `act_bits` None: `uniform_act_bits(sens)`."""
+    candidate the allocator chose (and every other module in `all_modules`, those no candidate
+    fits, FP), with the sensitivity's techniques, the budget and the provenance (achieved
+    averages, scores, solver status, allocator, command). `act_bits` None: `uniform_act_bits(sens)`."""
     if act_bits is None:
         act_bits = uniform_act_bits(sens)
     weighted, norm = normalised_loss(sens, content_weight)

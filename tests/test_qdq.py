@@ -520,7 +520,6 @@ def test_ort_matches_the_simulation_with_the_conditioning_layers_quantized(tiny,
     """A plan may quantize what the family keeps FP by default: the timestep/caption
     embedders and adaLN linears at W4 here, the block linears W8A8, on both targets."""
     from effgen.calib.calibrate import DEFAULT_FP, calibrate
-    from effgen.calib.sensitivity import allocatable_layers
     from effgen.calib.stats import quantizable_modules
     from effgen.exporter.quantized import Quantization, simulation_sqnr
 
@@ -530,7 +529,8 @@ def test_ort_matches_the_simulation_with_the_conditioning_layers_quantized(tiny,
                     and not re.search(r"pos_embed|proj_out", n)]
     assert conditioning
     layers = {n: {"w_bits": 4, "a_bits": 8, "w_granularity": "block32"} for n in conditioning}
-    layers.update({n: {"w_bits": 8, "a_bits": 8} for n in allocatable_layers(d)})
+    layers.update({n: {"w_bits": 8, "a_bits": 8} for n in quantizable_modules(d)
+                   if ".transformer_blocks." in n and n not in conditioning})
     raw = {"format": "effgen.plan/1", "model": name, "layers": layers,
            "techniques": {"timestep_grouping": {"k": 2}, "act_scale": {"method": "minmax"}}}
     for target in ("trt", "ort-cpu"):

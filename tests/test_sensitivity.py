@@ -66,18 +66,26 @@ def test_quantized_alone_swaps_one_layer_and_restores_the_fp_model(pixart_tiny, 
 
 def test_measure_sensitivity_on_pixart_tiny_is_cached_and_per_group(pixart_tiny, cache_dir, monkeypatch):
     from effgen.calib.sensitivity import allocatable_layers, measure_sensitivity
+    from effgen.calib.stats import quantizable_modules
 
     d = pixart_tiny
     logs = []
     kw = dict(per_timestep=True, n_prompts=2, steps=4, n_calib=2, cache=cache_dir, progress=False)
     tech = {"timestep_grouping": {"k": 2}}
     sens = measure_sensitivity(d, tech, "trt", log=logs.append, **kw)
-    assert sens.layers == allocatable_layers(d) and len(sens.layers) == 20
-    assert not any(re.search(r"adaln|pos_embed|proj_out|caption", n) for n in sens.layers)
+    # every quantizable layer: the block linears and the conditioning layers uniform plans keep FP
+    assert sens.layers == allocatable_layers(d) == list(quantizable_modules(d))
+    assert len([n for n in sens.layers if ".transformer_blocks." in n]) == 20
+    assert all(any(re.search(p, n) for n in sens.layers)
+               for p in (r"adaln_single\.linear$", r"pos_embed", r"proj_out", r"caption_projection"))
     assert sens.meta["content_metric"] == "final_sqnr"  # latent samples: no SSIM
     labels = [(p.w_bits, p.a_bits) for p in sens.candidates]
     assert labels == [(4, 8), (4, 16), (8, 8), (8, 16)]
+    assert [n for n in sens.layers if sens.kind[n] == "conv"] == ["transformer.pos_embed.proj"]
     for n in sens.layers:
+        if sens.kind[n] == "conv":  # a W4 Conv runs 8-bit on TensorRT: W4A8 is W8A8 there
+            assert sens.effective[n][0] == LayerPrecision(8, 8, "per_channel")
+            continue
         # On TensorRT W4A8 runs as W4A16: one measurement for both.
         assert sens.effective[n][0] == sens.effective[n][1] == LayerPrecision(4, 16, "block32")
         assert sens.loss[n][0] == sens.loss[n][1]
@@ -107,13 +115,17 @@ def test_measure_sensitivity_on_pixart_tiny_is_cached_and_per_group(pixart_tiny,
 
 
 def _average_weight_bits(denoiser, plan):
+    """Weight bits as the plan's target runs them (a W4 Conv runs 8-bit on TensorRT),
+    averaged over the allocatable layers weighted by parameters."""
     from effgen.calib.sensitivity import allocatable_layers
-    from effgen.calib.stats import quantizable_modules
+    from effgen.calib.stats import module_kind, quantizable_modules
+    from effgen.calib.targets import effective_precision
 
     modules = quantizable_modules(denoiser)
     layers = allocatable_layers(denoiser)
     params = np.array([modules[n].weight.numel() for n in layers])
-    bits = np.array([plan.layers[n].w_bits for n in layers])
+    bits = np.array([effective_precision(plan.layers[n], module_kind(modules[n]), plan.target).w_bits
+                     for n in layers])
     return float((params * bits).sum() / params.sum())
 
 
@@ -137,8 +149,9 @@ def test_effgen_plan_writes_a_plan_that_loads_and_meets_the_budget_and_a_report(
     assert prov["command"] == "effgen " + " ".join(argv)
     assert prov["allocator"] == "ilp" and prov["solver_status"] == "optimal"
     assert prov["sensitivity"]["content_metric"] == "ssim"
-    # default activation budget: what uniform W4A8 runs at on TensorRT (weight-only INT4: 16)
-    assert raw["budget"] == {"weight_bits": 4.5, "act_bits": 16.0}
+    # default activation budget: what uniform W4A8 runs at on TensorRT: 16 on the Linear layers
+    # (weight-only INT4), 8 on the patch-embedding Conv (no INT4 Conv: W8A8)
+    assert raw["budget"]["weight_bits"] == 4.5 and 15.9 < raw["budget"]["act_bits"] < 16
 
     d = load_denoiser("pixart-ref")
     plan = resolve_for_model(d, raw)
@@ -146,7 +159,7 @@ def test_effgen_plan_writes_a_plan_that_loads_and_meets_the_budget_and_a_report(
     assert abs(_average_weight_bits(d, plan) - 4.5) <= 0.05
     assert prov["achieved"]["weight_bits"] == pytest.approx(_average_weight_bits(d, plan), abs=1e-3)
     # W8 layers may be weight-only (W8A16), at no more activation bits as run than W4A8's
-    assert prov["achieved"]["act_bits_effective"] <= 16.0
+    assert prov["achieved"]["act_bits_effective"] <= raw["budget"]["act_bits"] + 1e-4
     assert {(p.w_bits, p.a_bits) for p in plan.quantized().values()} <= {(4, 8), (8, 8), (8, 16)}
     assert {p.w_bits for p in plan.quantized().values()} == {4, 8}
     calibrated, scales = calibrate(d, raw, stats=None, n_calib=2, progress=False)
