@@ -81,17 +81,19 @@ def layer_families(layers: Sequence[str], content_rules: Sequence[str] = DEFAULT
 
 
 def allocatable_layers(denoiser) -> list[str]:
-    """The layers the allocator chooses precisions for: every quantizable module, the
+    """The layers the allocator chooses precisions for: every quantizable Linear, the
     embedders, adaLN modulation and final layer (which uniform plans keep FP) included, so
     that a weight budget is a budget for the model's weights. Measured, pixart-ref and dit-ref
-    on trt at 4.5 bits (64 images): against the block linears alone with the rest FP,
-    pixart-ref 33.77 -> 33.92 dB at 1.46 -> 1.14 MB (0.70x -> 0.57x uniform W8A8's bytes),
-    dit-ref 39.49 -> 37.78 dB at 2.65 -> 1.36 MB (0.85x -> 0.44x), both still above uniform
-    W4A8 with those layers FP (33.07 / 34.95 dB). Left out (and FP): a Linear whose input
-    features are not a multiple of the W4 candidate's block (ECAR's 48-feature token_in)."""
+    on trt at 4.5 bits (samples/quality_table.py, 64 images): against the block linears alone
+    with the rest FP, pixart-ref 33.77 -> 33.98 dB at 1.46 -> 1.15 MB (0.70x -> 0.56x uniform
+    W8A8's bytes), dit-ref 39.49 -> 38.03 dB at 2.65 -> 1.37 MB (0.85x -> 0.44x), both still
+    above uniform W4A8 with those layers FP (33.07 / 34.95 dB). Left out (and FP): the patch-embedding
+    Conv (TensorRT has no INT4 convolution, so a W4 candidate would be W8 there and no
+    budget of 4.0 bits could be met) and a Linear whose input features the W4 block does not
+    divide (ECAR's 48-feature token_in)."""
     block = candidate_precision(4, 8).block_size
     return [n for n, m in quantizable_modules(denoiser).items()
-            if module_kind(m) != "linear" or m.in_features % block == 0]
+            if module_kind(m) == "linear" and m.in_features % block == 0]
 
 
 @dataclasses.dataclass

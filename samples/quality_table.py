@@ -27,15 +27,14 @@ Methods:
            reason, where nvidia-modelopt does not import or run.
   mp-w4.5a8, mp-w4.0a8, mp-w4.5a8-nobos, greedy-w4.5a8: plans made here by `effgen plan`'s
            API (calib.allocate.plan_model): per-layer sensitivity (SSIM for cross-attention
-           and FFN, SQNR for the rest), then W4/W8 x A8/A16 per layer (block linears,
-           adaLN and the timestep/caption embedders) within an average of 4.5 (4.0) weight
+           and FFN, SQNR for the rest), then W4/W8 x A8/A16 per Linear (block linears,
+           adaLN, timestep/caption embedders, final layer) within an average of 4.5 (4.0) weight
            bits by the integer program (greedy: most sensitive layers to 8 bits first),
            activation bits as the target runs them no more than uniform W4A8's (on trt: W8
            layers may be W8A16); vidit-w4a8's techniques plus BOS-aware text embedding
            (-nobos: without).
-           At 4.0 bits every layer is W4 (no candidate has fewer bits): the row differs
-           from vidit-w4a8 by BOS-aware only, which changes nothing on trt, where W4 layers
-           run weight-only.
+           At 4.0 bits every Linear is W4 (no candidate has fewer bits): the row differs
+           from vidit-w4a8 by the conditioning layers, W4 here and FP there.
            Sensitivities are cached under $EFFGEN_CACHE, so rows sharing techniques measure once.
 weight_ratio: weight bytes / FP's on the target; weight_ratio_w8a8: / uniform W8A8's.
 All methods are calibrated on refdata.eval_prompts(n_calib, seed=999) (statistics cached).
