@@ -399,7 +399,7 @@ def _add_plan_parser(sub) -> None:
     pl = sub.add_parser(
         "plan", help="mixed-precision plan: per-layer sensitivity + integer-programming bit allocation",
         description="Measure every layer's sensitivity at each candidate precision (W4/W8 x "
-        "A8/A16) over every quantizable layer (block linears, embedders, adaLN, final layer), "
+        "A8/A16) over every Linear (block linears, embedders, adaLN, final layer), "
         "quantized alone for the target: content layers (cross-attention, FFN) by SSIM "
         "of final images against FP, quality layers by SQNR of the denoiser output (cached under "
         "$EFFGEN_CACHE or ~/.cache/effgen). Then choose one precision per layer that minimises "
@@ -408,7 +408,7 @@ def _add_plan_parser(sub) -> None:
     pl.add_argument("model", help="model name (pixart = pixart-ref, dit = dit-ref, pixart-tiny, ...)")
     budget = pl.add_mutually_exclusive_group(required=True)
     budget.add_argument("--weight-bits", type=float, default=None,
-                        help="average weight bits over the quantizable layers, weighted by parameters, as the "
+                        help="average weight bits over the Linear layers, weighted by parameters, as the "
                         "target runs them (e.g. 4.5)")
     budget.add_argument("--weight-mb", type=float, default=None,
                         help="weight megabytes (1e6 bytes) of the whole denoiser as shipped on the target")

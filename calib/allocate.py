@@ -26,10 +26,11 @@ same is done per timestep group and a candidate's normalised loss is its worst g
 the plan has one precision per layer for every group (all variants share the weights,
 DESIGN §4), so a layer that hurts at some timesteps is protected at all of them.
 
-Budgets. `weight_bits`: the average weight bits of the allocatable layers (embedders and
-adaLN included: sensitivity.allocatable_layers), weighted by their parameter counts, at the
-precision the target runs (a W4 Conv counts 8). `weight_mb`: the denoiser's shipped weight bytes / 1e6 on the target, as calib.cost.weight_bytes counts them
-(scales, smoothing vectors and FP layers included). `act_bits`: the average activation
+Budgets. `weight_bits`: the average weight bits of the allocatable layers (every Linear,
+embedders and adaLN included: sensitivity.allocatable_layers), weighted by their parameter
+counts, at the precision the target runs. `weight_mb`: the denoiser's shipped weight bytes /
+1e6 on the target, as calib.cost.weight_bytes counts them (scales, smoothing vectors and FP
+layers included). `act_bits`: the average activation
 bits as the target runs them, weighted by each layer's input values per denoiser call. By
 default it is what the uniform plan at the lowest weight bits runs at (W4A8 everywhere): a
 mixed plan never runs wider activations than the plan it refines. On TensorRT that is 16,
@@ -289,7 +290,8 @@ def mixed_precision_plan(sens, *, weight_bits: float | None = None, weight_mb: f
     """A plan document (effgen.plan/1) whose `layers` map gives every allocatable layer the
     candidate the allocator chose (and every other module in `all_modules`, those no candidate
     fits, FP), with the sensitivity's techniques, the budget and the provenance (achieved
-    averages, scores, solver status, allocator, command). `act_bits` None: `uniform_act_bits(sens)`."""
+    averages, scores, solver status, allocator, command). `act_bits` None:
+    `uniform_act_bits(sens)`."""
     if act_bits is None:
         act_bits = uniform_act_bits(sens)
     weighted, norm = normalised_loss(sens, content_weight)

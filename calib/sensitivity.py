@@ -87,10 +87,10 @@ def allocatable_layers(denoiser) -> list[str]:
     on trt at 4.5 bits (samples/quality_table.py, 64 images): against the block linears alone
     with the rest FP, pixart-ref 33.77 -> 33.98 dB at 1.46 -> 1.15 MB (0.70x -> 0.56x uniform
     W8A8's bytes), dit-ref 39.49 -> 38.03 dB at 2.65 -> 1.37 MB (0.85x -> 0.44x), both still
-    above uniform W4A8 with those layers FP (33.07 / 34.95 dB). Left out (and FP): the patch-embedding
-    Conv (TensorRT has no INT4 convolution, so a W4 candidate would be W8 there and no
-    budget of 4.0 bits could be met) and a Linear whose input features the W4 block does not
-    divide (ECAR's 48-feature token_in)."""
+    above uniform W4A8 with those layers FP (33.07 / 34.95 dB). Left out (and FP): the
+    patch-embedding Conv (TensorRT has no INT4 convolution, so a W4 candidate would be W8
+    there and no budget of 4.0 bits could be met) and a Linear whose input features the W4
+    block does not divide (ECAR's 48-feature token_in)."""
     block = candidate_precision(4, 8).block_size
     return [n for n, m in quantizable_modules(denoiser).items()
             if module_kind(m) == "linear" and m.in_features % block == 0]

@@ -113,17 +113,13 @@ def test_measure_sensitivity_on_pixart_tiny_is_cached_and_per_group(pixart_tiny,
 
 
 def _average_weight_bits(denoiser, plan):
-    """Weight bits as the plan's target runs them (a W4 Conv runs 8-bit on TensorRT),
-    averaged over the allocatable layers weighted by parameters."""
     from effgen.calib.sensitivity import allocatable_layers
-    from effgen.calib.stats import module_kind, quantizable_modules
-    from effgen.calib.targets import effective_precision
+    from effgen.calib.stats import quantizable_modules
 
     modules = quantizable_modules(denoiser)
     layers = allocatable_layers(denoiser)
     params = np.array([modules[n].weight.numel() for n in layers])
-    bits = np.array([effective_precision(plan.layers[n], module_kind(modules[n]), plan.target).w_bits
-                     for n in layers])
+    bits = np.array([plan.layers[n].w_bits for n in layers])
     return float((params * bits).sum() / params.sum())
 
 
