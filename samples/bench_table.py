@@ -72,7 +72,7 @@ def export_method(model: str, method: str, root: Path, fp_bundle: Path | None, a
         raw = json.loads((PLANS / plan_file).read_text())
         if model == REAL_ARCH:
             # Random weights: what GPTQ gains there says nothing, and its Hessians (x x^T of every
-            # Linear's input over the calibration sampler) cost many times the forward passes
+            # Linear's input over the calibration sampler) are more arithmetic than the forward passes
             # at this width: a w8a8 rebuild with GPTQ did not finish in 40 minutes on 2 shared cores
             # (7 minutes without). The rounding changes neither the graph nor the bytes.
             raw["techniques"] = {**raw.get("techniques", {}), "weight_rounding": {"method": "nearest"}}
