@@ -26,7 +26,7 @@ from .quantizers import qmax
 from .stats import (CALIB_SEED, cache_dir, calibration_items, read_cache, run_sampler,
                     sampler_config, weights_hash)
 
-HESSIAN_FORMAT = "effgen.hessians/1"
+HESSIAN_FORMAT = "effgen.hessians/2"  # /2: float32 (was float64)
 DEFAULT_DAMP = 0.01  # fraction of the mean diagonal added to H (GPTQ's percdamp)
 BLOCK = 128  # columns rounded per lazy batch update
 
@@ -42,8 +42,7 @@ def gptq_codes(w: torch.Tensor, hessian: torch.Tensor, bits: int, scale: torch.T
                damp: float = DEFAULT_DAMP) -> torch.Tensor:
     """int8 codes (out, K) of the Linear weight `w` (out, K) on the grid of `scale`, rounded
     column by column with GPTQ's error feedback along `hessian` (K, K) of its inputs."""
-    W = w.detach().double().clone()
-    out, k = W.shape
+    out, k = w.shape
     H = hessian.detach().double().clone()
     if H.shape != (k, k):
         raise ValueError(f"Hessian of shape {tuple(H.shape)} for a weight with {k} input features")
@@ -53,22 +52,26 @@ def gptq_codes(w: torch.Tensor, hessian: torch.Tensor, bits: int, scale: torch.T
     # The upper Cholesky factor of H^-1: row i holds how the remaining columns absorb the
     # error of column i (GPTQ's Cholesky form, numerically stable).
     U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
-    S = column_scales(scale, out, k).double()
+    # Work on W^T (K, out): column i of W is the contiguous row i, so every per-column step
+    # and rank-1 update below runs over contiguous memory (the same codes; 1.4-1.7x faster
+    # on pixart-alpha-512's FFN layers on 2 cores, several times faster when they are busy).
+    Wt = torch.empty(k, out, dtype=torch.float64).copy_(w.detach().T)
+    St = column_scales(scale, out, k).T.double().contiguous()
     q = qmax(bits)
-    codes = torch.zeros(out, k, dtype=torch.int8)
+    codes = torch.zeros(k, out, dtype=torch.int8)
     for b0 in range(0, k, BLOCK):
         b1 = min(b0 + BLOCK, k)
-        Wb, Ub = W[:, b0:b1].clone(), U[b0:b1, b0:b1]
+        Wb, Ub = Wt[b0:b1].clone(), U[b0:b1, b0:b1]
         Eb = torch.zeros_like(Wb)
         for j in range(b1 - b0):
-            col = Wb[:, j]
-            c = torch.clamp(torch.round(col / S[:, b0 + j]), -q - 1, q)
-            codes[:, b0 + j] = c.to(torch.int8)
-            err = (col - c * S[:, b0 + j]) / Ub[j, j]
-            Wb[:, j + 1:] -= err[:, None] * Ub[j, j + 1:][None, :]
-            Eb[:, j] = err
-        W[:, b1:] -= Eb @ U[b0:b1, b1:]
-    return codes
+            row, s = Wb[j], St[b0 + j]
+            c = torch.clamp(torch.round(row / s), -q - 1, q)
+            codes[b0 + j] = c.to(torch.int8)
+            err = (row - c * s) / Ub[j, j]
+            Wb[j + 1:].addr_(Ub[j, j + 1:], err, alpha=-1)
+            Eb[j] = err
+        Wt[b1:].addmm_(U[b0:b1, b1:].T, Eb, alpha=-1)
+    return codes.T.contiguous()
 
 
 def dequantize_codes(codes: torch.Tensor, scale: torch.Tensor, shape) -> torch.Tensor:
@@ -93,7 +96,10 @@ def transform_hessian(H: torch.Tensor, smooth: torch.Tensor | None,
 class _HessianHooks:
     def __init__(self, modules: dict[str, torch.nn.Module]):
         self.modules = modules
-        self.H = {n: torch.zeros(m.in_features, m.in_features, dtype=torch.float64)
+        # float32, as GPTQ's reference keeps H: the x^T x products are half the arithmetic of
+        # float64 (on a 600M-parameter PixArt they cost more than the forward passes) and the
+        # cache half the disk; gptq_codes factors H in float64.
+        self.H = {n: torch.zeros(m.in_features, m.in_features, dtype=torch.float32)
                   for n, m in modules.items()}
         self.rows = {n: 0 for n in modules}
         self.handles = []
@@ -109,8 +115,8 @@ class _HessianHooks:
 
     def _hook(self, name: str):
         def hook(module, args):
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
-            self.H[name] += x.T @ x
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+            self.H[name].addmm_(x.T, x)
             self.rows[name] += x.shape[0]
         return hook
 
@@ -121,7 +127,7 @@ def collect_hessians(model, layers: Sequence[str], items: Sequence | None = None
                      cache: str | Path | None = None, progress: bool = True,
                      log: Callable[[str], None] | None = None) -> dict[str, torch.Tensor]:
     """H = sum x x^T / rows of every Linear in `layers` over the FP sampler (all steps or
-    stages, both CFG halves), float64, cached by model, data, sampler and layers."""
+    stages, both CFG halves), float32, cached by model, data, sampler and layers."""
     from safetensors.torch import load_file, save_file
 
     from .scales import _atomic_write_bytes
