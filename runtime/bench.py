@@ -77,80 +77,88 @@ def profile_denoiser(bundle: Bundle, feeds: dict[str, np.ndarray], timestep: flo
         return op_times(trace)
 
 
-def _timed(fn, repeat: int) -> float:
-    """Median milliseconds of `repeat` calls of `fn` after one warm-up call."""
-    fn()
-    ms = []
-    for _ in range(repeat):
+class BundleTimer:
+    """One bundle loaded once and timed call by call. `step()`: one denoiser call at the
+    graph's fixed batch (a CFG pair) at t = 500; for an ECAR bundle one head call of the last
+    stage (one flow step at full resolution). `image(seed)`: one whole image (every step or
+    stage, CFG included). Both return milliseconds. `bench_bundle` takes medians of these; a
+    caller comparing several bundles can interleave their calls round by round, so that the
+    machine's load falls on all of them alike (samples/bench_table.py)."""
+
+    def __init__(self, path: str | Path, steps: int | None = None, threads: int = 0,
+                 backend: str = "ort"):
+        self.path, self.backend, self.threads = str(path), backend, threads
+        self.bundle = Bundle.load(path)
+        self.model = self.bundle.model
+        if self.model["family"] == "ecar":
+            from .stage_pipeline import StagePipeline
+
+            self.pipe = StagePipeline(self.bundle, backend=backend, threads=threads)
+            last = self.pipe.num_stages - 1
+            rng = np.random.default_rng(0)
+            self.feeds = {i["name"]: rng.standard_normal(i["shape"]).astype(i["dtype"])
+                          for i in self.bundle.component("head")["variants"][last]["inputs"]}
+            self.steps = self.pipe.resolve_steps(steps)
+            self.batch = int(self.feeds["x_t"].shape[0])
+            self._step = lambda: self.pipe.head.run(self.feeds, last)
+            n = self.model["num_classes"]
+            self._image = lambda seed: self.pipe.generate(num_images=1, seed=seed, class_label=[1 % n],
+                                                          steps=self.steps)
+            return
+        self.pipe = DenoisePipeline(self.bundle, backend=backend, threads=threads)
+        self.steps = steps or self.bundle.manifest["sampling"]["steps"]
+        m = self.model
+        cond = self.pipe.conditioning(1, **_example_conditioning(self.pipe, 1))
+        noise = initial_noise((m["in_channels"], m["sample_size"], m["sample_size"]), 0, 1)
+        self.batch = b = self.pipe.denoiser.batch
+        pair = {k: np.concatenate([v, cond.uncond[k]]) for k, v in cond.cond.items()}
+        self.feeds = {k: np.concatenate([v] * b)[:b] for k, v in pair.items()}
+        self.feeds["sample"] = np.repeat(noise, b, 0)
+        self.feeds["timestep"] = np.full(b, 500.0, np.float32)
+        self._step = lambda: self.pipe.denoiser.run(self.feeds, 500.0)
+        output = "images" if (not m["latent_space"] or self.pipe.vae_decoder is not None) else "latents"
+        self._image = lambda seed: self.pipe.generate(num_images=1, seed=seed, steps=self.steps, output=output,
+                                                      **_example_conditioning(self.pipe, 1))
+
+    @staticmethod
+    def _ms(fn) -> float:
         t0 = time.perf_counter()
         fn()
-        ms.append((time.perf_counter() - t0) * 1e3)
-    return round(statistics.median(ms), 3)
+        return (time.perf_counter() - t0) * 1e3
 
+    def step(self) -> float:
+        return self._ms(self._step)
 
-def bench_stages(bundle: Bundle, path: str | Path, steps: int | None, images: int, repeat: int,
-                 threads: int, backend: str) -> dict:
-    """`bench_bundle` for an ECAR bundle: `step_ms` is one head call of the last stage (one
-    flow step at full resolution, the graph's fixed batch: a CFG pair), `image_ms` the whole
-    stage loop of one image."""
-    from .stage_pipeline import StagePipeline
+    def image(self, seed: int = 0) -> float:
+        return self._ms(lambda: self._image(seed))
 
-    pipe = StagePipeline(bundle, backend=backend, threads=threads)
-    last = pipe.num_stages - 1
-    rng = np.random.default_rng(0)
-    feeds = {i["name"]: rng.standard_normal(i["shape"]).astype(i["dtype"])
-             for i in bundle.component("head")["variants"][last]["inputs"]}
-    stage_steps = pipe.resolve_steps(steps)
-    n = pipe.model["num_classes"]
-    image = lambda: pipe.generate(num_images=1, seed=0, class_label=[1 % n], steps=stage_steps)  # noqa: E731
-    return {
-        "bundle": str(path), "model": pipe.model["name"], "backend": backend, "threads": threads,
-        "batch": int(feeds["x_t"].shape[0]), "steps": sum(stage_steps),
-        "step_ms": _timed(lambda: pipe.head.run(feeds, last), repeat),
-        "image_ms": _timed(image, images) if images else None,
-        "peak_mb": round(peak_rss_mb(), 1),
-        "weight_bytes": weight_bytes(bundle),
-    }
+    def info(self) -> dict:
+        steps = sum(self.steps) if self.model["family"] == "ecar" else self.steps
+        return {"bundle": self.path, "model": self.model["name"], "backend": self.backend,
+                "threads": self.threads, "batch": self.batch, "steps": steps,
+                "peak_mb": round(peak_rss_mb(), 1), "weight_bytes": weight_bytes(self.bundle)}
 
 
 def bench_bundle(path: str | Path, steps: int | None = None, images: int = 2, repeat: int = 10,
                  threads: int = 0, backend: str = "ort", profile: bool = False) -> dict:
-    bundle = Bundle.load(path)
-    if bundle.model["family"] == "ecar":
-        if profile:
-            raise ValueError("--profile times one denoiser call of a pixart or dit bundle; "
-                             "an ECAR bundle has none")
-        return bench_stages(bundle, path, steps, images, repeat, threads, backend)
-    pipe = DenoisePipeline(bundle, backend=backend, threads=threads)
-    steps = steps or bundle.manifest["sampling"]["steps"]
-    m = pipe.model
-    cond = pipe.conditioning(1, **_example_conditioning(pipe, 1))
-    noise = initial_noise((m["in_channels"], m["sample_size"], m["sample_size"]), 0, 1)
-
-    # One denoiser call at the graph's fixed batch (a CFG pair), timed alone.
-    b = pipe.denoiser.batch
-    pair = {k: np.concatenate([v, cond.uncond[k]]) for k, v in cond.cond.items()}
-    feeds = {k: np.concatenate([v] * b)[:b] for k, v in pair.items()}
-    feeds["sample"] = np.repeat(noise, b, 0)
-    feeds["timestep"] = np.full(b, 500.0, np.float32)
-    step_ms = _timed(lambda: pipe.denoiser.run(feeds, 500.0), repeat)
-
-    image_ms = []
-    output = "images" if (not m["latent_space"] or pipe.vae_decoder is not None) else "latents"
-    for i in range(images):
-        t0 = time.perf_counter()
-        pipe.generate(num_images=1, seed=i, steps=steps, output=output,
-                      **_example_conditioning(pipe, 1))
-        image_ms.append((time.perf_counter() - t0) * 1e3)
-    result = {
-        "bundle": str(path), "model": m["name"], "backend": backend, "threads": threads,
-        "batch": b, "steps": steps,
-        "step_ms": step_ms,
-        "image_ms": round(statistics.median(image_ms), 3) if image_ms else None,
-        "peak_mb": round(peak_rss_mb(), 1),
-        "weight_bytes": weight_bytes(bundle),
-    }
+    """Median milliseconds of `repeat` denoiser calls and of `images` whole images, each
+    after one warm-up (BundleTimer: a whole image also runs the variants and stages one call
+    does not), peak memory and weight bytes; with `profile` also the milliseconds of one
+    denoiser call by operator type."""
+    timer = BundleTimer(path, steps=steps, threads=threads, backend=backend)
+    if profile and timer.model["family"] == "ecar":
+        raise ValueError("--profile times one denoiser call of a pixart or dit bundle; "
+                         "an ECAR bundle has none")
+    timer.step()
+    step_ms = [timer.step() for _ in range(repeat)]
+    if images:
+        timer.image(0)
+    image_ms = [timer.image(seed) for seed in range(images)]
+    result = {**timer.info(),
+              "step_ms": round(statistics.median(step_ms), 3),
+              "image_ms": round(statistics.median(image_ms), 3) if image_ms else None}
     if profile:  # after the memory reading: the profiled sessions are extra
-        del pipe
+        feeds, bundle = timer.feeds, timer.bundle
+        del timer
         result["op_ms"] = profile_denoiser(bundle, feeds, 500.0, threads)
     return result
