@@ -10,7 +10,7 @@ weights, one sampler step, no VAE; ~2.4 GB of FP32 ONNX, needs ~6 GB of memory a
 Methods (every bundle from the same FP graph, `effgen-export`):
   fp32                  the FP export
   w8a8                  samples/plans/w8a8.json lowered for ort-cpu (2 timestep groups, one graph;
-                        on pixart-alpha-512's random weights with nearest rounding, not GPTQ)
+                        its W8 weights rounded by GPTQ, as the plan says)
   w4a8-mp               samples/plans/mp_w4a8_rules.json for ort-cpu (W4 block 64 as
                         DQ(int4)->MatMulNBits; self-attention v/out and PixArt's adaln_single W8A8)
   ort-dynamic-int8      onnxruntime.quantization.quantize_dynamic on the FP graph (S8 weights,
@@ -20,9 +20,12 @@ Methods (every bundle from the same FP graph, `effgen-export`):
   w8a8-variants-1/-4    the w8a8 plan with 1 and 4 timestep groups (variant memory check; an
                         ort-cpu bundle is one graph for all groups, so K only adds scales)
 
-Each bundle is measured in its own subprocess (`effgen bench`'s measurement: median latency of
-one denoiser call at the graph's batch, one whole image, peak RSS of that process), so peak
-memory is per bundle. weight_bytes: the denoiser's graphs + weight file. Quality against the
+Each bundle is measured in its own process (effgen.runtime.bench.BundleTimer, what `effgen
+bench` times: one denoiser call at the graph's batch, one whole image; peak RSS of that
+process, so peak memory is per bundle). The processes load their bundles side by side and
+their calls are interleaved, one process running at a time: a warm-up call each, then
+`--repeat` rounds of one call per bundle (medians reported), then a warm-up image and
+`--images` rounds of one image each, so load on a shared machine falls on every method alike. weight_bytes: the denoiser's graphs + weight file. Quality against the
 FP32 bundle from the same noise: psnr of the final images (`effgen eval`, reference models)
 and sqnr_db of one denoiser call (mean over timesteps 100, 500, 900).
 """
@@ -35,6 +38,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -70,12 +74,6 @@ def export_method(model: str, method: str, root: Path, fp_bundle: Path | None, a
     elif method in PLAN_OF:
         plan_file, groups = PLAN_OF[method]
         raw = json.loads((PLANS / plan_file).read_text())
-        if model == REAL_ARCH:
-            # Random weights: what GPTQ gains there says nothing, and its Hessians (x x^T of every
-            # Linear's input over the calibration sampler) are more arithmetic than the forward passes
-            # at this width: a w8a8 rebuild with GPTQ did not finish in 40 minutes on 2 shared cores
-            # (7 minutes without). The rounding changes neither the graph nor the bytes.
-            raw["techniques"] = {**raw.get("techniques", {}), "weight_rounding": {"method": "nearest"}}
         if groups is not None:
             raw["techniques"] = {**raw.get("techniques", {}), "timestep_grouping": {"k": groups}}
             raw.pop("timestep_groups", None)
@@ -141,30 +139,103 @@ def denoiser_bytes(bundle: Path) -> int:
     return sum((bundle / f).stat().st_size for f in files)
 
 
-def measure_here(bundle: Path, threads: int, steps: int | None, repeat: int, images: int) -> dict:
-    from effgen.runtime.bench import bench_bundle
-
-    r = bench_bundle(bundle, steps=steps, images=images, repeat=repeat, threads=threads)
-    r["denoiser_bytes"] = denoiser_bytes(bundle)
+def _peak_mb() -> float | None:
     # ru_maxrss survives exec on Linux: in a child it starts at the parent's size at fork
     # (this script's torch process). VmHWM belongs to the new address space.
     status = Path("/proc/self/status")
     if status.is_file():
         hwm = [ln for ln in status.read_text().splitlines() if ln.startswith("VmHWM:")]
         if hwm:
-            r["peak_mb"] = round(int(hwm[0].split()[1]) / 1024, 1)
-    return r
+            return round(int(hwm[0].split()[1]) / 1024, 1)
+    return None
 
 
-def measure(bundle: Path, args, steps: int | None) -> dict:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--measure", str(bundle),
-           "--threads", str(args.threads), "--repeat", str(args.repeat), "--images", str(args.images)]
-    if steps is not None:
-        cmd += ["--steps", str(steps)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
-    if proc.returncode != 0:
-        raise RuntimeError(f"measuring {bundle} failed: {proc.stderr.strip().splitlines()[-1:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+def serve(bundle: Path, threads: int, steps: int | None) -> None:
+    """The worker: load the bundle, answer "step" / "image SEED" on stdin with the call's
+    milliseconds, and "quit" with the bundle's numbers (peak memory of this process)."""
+    from effgen.runtime.bench import BundleTimer
+
+    timer = BundleTimer(bundle, steps=steps, threads=threads)
+    print("ready", flush=True)
+    for line in sys.stdin:
+        cmd = line.split()
+        if cmd[0] == "step":
+            print(timer.step(), flush=True)
+        elif cmd[0] == "image":
+            print(timer.image(int(cmd[1])), flush=True)
+        elif cmd[0] == "quit":
+            info = timer.info()
+            info["peak_mb"] = _peak_mb() or info["peak_mb"]
+            info["denoiser_bytes"] = denoiser_bytes(bundle)
+            print(json.dumps(info), flush=True)
+            return
+
+
+class Worker:
+    def __init__(self, bundle: Path, args, steps: int | None):
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--serve", str(bundle),
+               "--threads", str(args.threads)] + (["--steps", str(steps)] if steps is not None else [])
+        self.bundle = bundle
+        self.stderr = tempfile.TemporaryFile(mode="w+")  # a file: a full pipe would stall the worker
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=self.stderr, text=True)
+        self.expect("ready")
+
+    def ask(self, line: str) -> str:
+        self.proc.stdin.write(line + "\n")
+        self.proc.stdin.flush()
+        return self.expect(None)
+
+    def expect(self, word: str | None) -> str:
+        out = self.proc.stdout.readline().strip()
+        if not out or (word is not None and out != word):
+            self.proc.kill()
+            self.proc.wait()
+            self.stderr.seek(0)
+            err = self.stderr.read().strip().splitlines()
+            raise RuntimeError(f"measuring {self.bundle} failed: {err[-1] if err else 'no output'}")
+        return out
+
+
+def measure(bundles: dict[str, Path], args, steps: int | None, repeat: int) -> dict[str, dict]:
+    """Every bundle in its own process, all loaded at once, their calls interleaved: one
+    warm-up call each, then `repeat` rounds of one denoiser call per bundle, then one warm-up
+    image and `args.images` rounds of one image each, one process running at a time. Host
+    load that comes and goes then falls on every bundle alike. Returns method -> BundleTimer.info
+    plus the medians step_ms, image_ms (or {"error": ...})."""
+    workers, out = {}, {}
+    for method, bundle in bundles.items():
+        try:
+            workers[method] = Worker(bundle, args, steps)
+        except Exception as e:  # one bundle that cannot load must not lose the others' numbers
+            out[method] = {"error": f"{type(e).__name__}: {e}"}
+    times = {m: {"step": [], "image": []} for m in workers}
+    rounds = [("step", "step", False)] + [("step", "step", True)] * repeat
+    if args.images:
+        rounds += [("image", "image 0", False)] + [("image", f"image {i}", True) for i in range(args.images)]
+    for kind, line, keep in rounds:
+        for method, w in list(workers.items()):
+            try:
+                time.sleep(0.2)  # let the previous process's spinning ONNX Runtime threads park
+                ms = float(w.ask(line))
+            except Exception as e:
+                out[method] = {"error": f"{type(e).__name__}: {e}"}
+                del workers[method]
+                continue
+            if keep:
+                times[method][kind].append(ms)
+    for method, w in workers.items():
+        try:
+            r = json.loads(w.ask("quit"))
+            w.proc.wait(timeout=60)
+        except Exception as e:
+            out[method] = {"error": f"{type(e).__name__}: {e}"}
+            continue
+        r["step_ms"] = round(float(np.median(times[method]["step"])), 3)
+        r["step_ms_rounds"] = [round(t, 1) for t in times[method]["step"]]
+        r["image_ms"] = round(float(np.median(times[method]["image"])), 3) if times[method]["image"] else None
+        out[method] = r
+    return out
 
 
 def call_sqnr(bundle: Path, fp_bundle: Path, threads: int) -> float:
@@ -236,34 +307,55 @@ def main(argv=None) -> int:
     p.add_argument("--calib-steps", type=int, default=None)
     p.add_argument("--rebuild", action="store_true", help="re-export bundles that exist")
     p.add_argument("--verbose", action="store_true")
-    p.add_argument("--measure", type=Path, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--serve", type=Path, default=None, help=argparse.SUPPRESS)
     p.add_argument("--steps", type=int, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    if args.measure is not None:  # the subprocess
-        print(json.dumps(measure_here(args.measure, args.threads, args.steps, args.repeat, args.images)))
+    if args.serve is not None:  # a measuring worker
+        serve(args.serve, args.threads, args.steps)
         return 0
     import torch
 
     torch.set_num_threads(max(1, args.threads))
     models = list(args.models) + ([REAL_ARCH] if args.real_arch else [])
     rows = []
+
+    def emit(row):
+        rows.append(row)
+        log(f"  {json.dumps(row)}")
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(rows, indent=2) + "\n")
+
     for model in models:
         real = model == REAL_ARCH
         steps = 1 if real else None
+        # real arch: 2 calibration prompts, 4 sampler steps (enough for 4 timestep groups)
+        export_args = args if not real else argparse.Namespace(
+            **{**vars(args), "n_calib": min(args.n_calib, 2), "calib_steps": args.calib_steps or 4})
+        bundles: dict[str, Path] = {}
         fp_bundle = None
         for method in ["fp32"] + [m for m in args.methods if m != "fp32"]:  # fp32: the reference
             try:
-                # real arch: 2 calibration prompts, 4 sampler steps (enough for 4 timestep groups)
-                bundle = export_method(model, method, args.out, fp_bundle, args if not real else
-                                       argparse.Namespace(**{**vars(args), "n_calib": min(args.n_calib, 2),
-                                                             "calib_steps": args.calib_steps or 4}))
+                bundles[method] = export_method(model, method, args.out, fp_bundle, export_args)
                 if method == "fp32":
-                    fp_bundle = bundle
-                r = measure(bundle, args if not real else
-                            argparse.Namespace(**{**vars(args), "repeat": min(args.repeat, 3)}), steps)
+                    fp_bundle = bundles[method]
+            except Exception as e:  # one failing method must not lose the others' numbers
+                emit({"model": model, "method": method, "error": f"{type(e).__name__}: {e}"})
+                if method == "fp32":
+                    break
+        if fp_bundle is None:
+            continue
+        log(f"  {model}: timing {', '.join(bundles)} interleaved")
+        timed = measure(bundles, args, steps, min(args.repeat, 5) if real else args.repeat)
+        for method, bundle in bundles.items():
+            r = timed[method]
+            try:
+                if "error" in r:
+                    raise RuntimeError(r["error"])
                 row = {"model": model, "method": method, "step_ms": r["step_ms"], "image_ms": r["image_ms"],
                        "weight_bytes": r["denoiser_bytes"], "bundle_bytes": r["weight_bytes"],
-                       "peak_mb": r["peak_mb"], "threads": args.threads, "steps": r["steps"]}
+                       "peak_mb": r["peak_mb"], "threads": args.threads, "steps": r["steps"],
+                       "step_ms_rounds": r["step_ms_rounds"]}
                 row["sqnr_db"] = None if method == "fp32" else round(call_sqnr(bundle, fp_bundle, args.threads), 2)
                 row["psnr"] = None
                 if not real and method != "fp32":
@@ -275,14 +367,10 @@ def main(argv=None) -> int:
                     row["sqnr_vs_simulation_db"] = [
                         x for v in man["components"]["denoiser"]["variants"]
                         for x in v.get("sqnr_vs_simulation_db_by_group", [v["sqnr_vs_simulation_db"]])]
-            except Exception as e:  # one failing method must not lose the others' numbers
+            except Exception as e:
                 row = {"model": model, "method": method, "error": f"{type(e).__name__}: {e}"}
                 log(f"  {model}/{method}: FAILED {row['error']}")
-            rows.append(row)
-            log(f"  {json.dumps(row)}")
-            if args.json:
-                args.json.parent.mkdir(parents=True, exist_ok=True)
-                args.json.write_text(json.dumps(rows, indent=2) + "\n")
+            emit(row)
     print(markdown([r for r in rows if "error" not in r]))
     for r in rows:
         if "error" in r:
