@@ -36,6 +36,8 @@ Methods:
            At 4.0 bits every Linear is W4 (no candidate has fewer bits): the row differs
            from vidit-w4a8 by the conditioning layers, W4 here and FP there.
            Sensitivities are cached under $EFFGEN_CACHE, so rows sharing techniques measure once.
+  mp-w4.5a8-sqnr-only, mp-w4.5a8-ssim-only (on request): mp-w4.5a8 with every layer judged by
+           one metric (the denoiser output's SQNR; final-image SSIM), against the default split.
 weight_ratio: weight bytes / FP's on the target; weight_ratio_w8a8: / uniform W8A8's.
 All methods are calibrated on refdata.eval_prompts(n_calib, seed=999) (statistics cached).
 This is the PyTorch simulation of the target's numerics; the exported QDQ bundles are
@@ -61,18 +63,22 @@ ROOT = Path(__file__).resolve().parents[1]
 PLANS = ROOT / "samples" / "plans"
 MODELS = ("pixart-ref", "dit-ref")
 # Mixed precision planned in-process by effgen.calib.allocate.plan_model (`effgen plan`):
-# method -> (average weight bits, allocator, BOS-aware); activation budget 8 bits.
+# method -> (average weight bits, allocator, BOS-aware, content rules: None = the default
+# metric split, () = every layer by SQNR, (".",) = every layer by SSIM); activation budget 8 bits.
 MP_METHODS = {
-    "mp-w4.5a8": (4.5, "ilp", True),
-    "mp-w4.0a8": (4.0, "ilp", True),
-    "mp-w4.5a8-nobos": (4.5, "ilp", False),
-    "greedy-w4.5a8": (4.5, "greedy", True),
+    "mp-w4.5a8": (4.5, "ilp", True, None),
+    "mp-w4.0a8": (4.0, "ilp", True, None),
+    "mp-w4.5a8-nobos": (4.5, "ilp", False, None),
+    "greedy-w4.5a8": (4.5, "greedy", True, None),
+    # On request: the metric decoupling against either metric alone (same budget and solver).
+    "mp-w4.5a8-sqnr-only": (4.5, "ilp", True, ()),
+    "mp-w4.5a8-ssim-only": (4.5, "ilp", True, (".",)),
 }
+# On request: samples/plans/mp_w4a8_rules.json, vidit-w8a8 with the MSE activation-scale
+# search instead of min-max (why the sample plans use min-max), and the metric ablations.
+EXTRA_METHODS = ("vidit-mp-w4a8", "vidit-w8a8-act-mse", "mp-w4.5a8-sqnr-only", "mp-w4.5a8-ssim-only")
 METHODS = ("fp", "naive-w8a8", "vidit-w8a8", "naive-w4a8", "vidit-w4a8", "modelopt-int8",
-           *MP_METHODS)
-# On request: samples/plans/mp_w4a8_rules.json, and vidit-w8a8 with the MSE activation-scale
-# search instead of min-max (why the sample plans use min-max).
-EXTRA_METHODS = ("vidit-mp-w4a8", "vidit-w8a8-act-mse")
+           *(m for m in MP_METHODS if m not in EXTRA_METHODS))
 
 
 def plan_for(method: str) -> dict | None:
@@ -96,9 +102,10 @@ def mixed_precision_plan(fp, method: str, stats, args, log) -> dict:
     rows sharing the techniques measure once)."""
     from effgen.calib.allocate import DEFAULT_TECHNIQUES, plan_model
 
-    weight_bits, allocator, bos = MP_METHODS[method]
+    weight_bits, allocator, bos, content_rules = MP_METHODS[method]
     techniques = {**DEFAULT_TECHNIQUES, "bos_aware": bos}
-    plan, _, result = plan_model(fp, weight_bits=weight_bits, allocator=allocator,
+    rules = {} if content_rules is None else {"content_rules": content_rules}
+    plan, _, result = plan_model(fp, weight_bits=weight_bits, allocator=allocator, **rules,
                                  techniques=techniques, target=args.target, stats=stats,
                                  n_calib=args.n_calib, n_prompts=args.sensitivity_prompts,
                                  steps=args.sensitivity_steps, log=log,
