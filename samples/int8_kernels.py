@@ -1,33 +1,39 @@
-"""What INT8 can buy on this CPU: ONNX Runtime's CPU kernels for one PixArt block's matrix
-products, FP32 against the integer forms, timed in one run.
+"""What INT8 can buy on this CPU: ONNX Runtime's CPU kernels for a PixArt block stack's
+matrix products, FP32 against the integer forms, timed in one run.
 
     .venv/bin/python samples/int8_kernels.py --json out/int8_kernels.json [--threads 2]
 
 The bench table's W8A8 step (samples/bench_table.py) is mostly these kernels: on
 pixart-alpha-512 the Linear layers are 80% of an FP32 denoiser call (`effgen bench BUNDLE
---profile`). So the integer kernels' speed-up over FP32 on the block's own shapes bounds the
-step ratio any int8 graph can reach here, whatever the exporter does around them:
+--profile`). So the integer kernels' speed-up over FP32 on the model's own shapes bounds the
+step ratio an int8 graph can reach here when everything else in the call (attention,
+norms) stays as it is:
 
     step ratio >= (1 - f) + f / speedup      (f: the FP32 call's share in those GEMMs)
 
-Kernels (one batch-2 call, i.e. classifier-free guidance, of a block of `--hidden` width):
-  linear/fp32         MatMul with a constant FP32 weight (MLAS SGEMM, weight pre-packed)
-  linear/effgen-u8s8  effgen's ort-cpu form: QuantizeLinear(uint8, zero point 128) ->
-                      MatMulInteger(int8 weight) -> Cast -> Mul, which ONNX Runtime fuses into
-                      MatMulIntegerToFloat (the fused op is printed)
-  linear/qdq-s8s8     TensorRT's form (int8 activation, zero point 0) opened by ONNX Runtime
-  linear/ort-dynamic  onnxruntime.quantization.quantize_dynamic of linear/fp32
-                      (DynamicQuantizeMatMul: activation range measured per call)
-  linear/ort-nbits4   onnxruntime's MatMulNBitsQuantizer, 4-bit block 32, accuracy_level 4
-  attention/fp32      softmax(q k^T / sqrt(d)) v over `--heads` heads, MatMul/Softmax/MatMul
-  attention/qdq-int8  the same with q, k, v and the probabilities through int8/uint8 Q/DQ
-                      (ONNX Runtime fuses both products into MatMulIntegerToFloat)
-  attention/ort-mha   com.microsoft.MultiHeadAttention (ONNX Runtime's fused CPU kernel)
+Linear (one batch-2 call, i.e. classifier-free guidance, at `--tokens` image tokens): the
+Linear layers of `--blocks` PixArt blocks chained in order (self-attention q, k, v, out,
+cross-attention q, out, FFN in and out; the cross-attention's k, v read the text tokens, <1%
+of the products, and are left out), each with its own weights, so each call streams its
+weights from memory as the whole model does (a layer timed alone keeps its FP32 weight in
+cache and understates what int8 saves):
+  fp32         MatMul with constant FP32 weights (MLAS SGEMM, weights pre-packed)
+  effgen-u8s8  effgen's ort-cpu form (exporter/qdq.py integer_matmuls): the timestep group's
+               scale Gather'ed at run time, QuantizeLinear(uint8, zero point 128) ->
+               MatMulInteger(int8 weight) -> Cast -> Mul, fused by ONNX Runtime into
+               MatMulIntegerToFloat (the ops it runs are printed)
+  qdq-s8s8     TensorRT's Q/DQ form (int8 activation, zero point 0) opened by ONNX Runtime
+  ort-dynamic  onnxruntime.quantization.quantize_dynamic of the fp32 graph
+               (DynamicQuantizeMatMul: each activation's range measured per call)
+  ort-nbits4   onnxruntime's MatMulNBitsQuantizer, 4-bit block 32, accuracy_level 4
+Attention (`--heads` heads at `--tokens` tokens):
+  fp32         softmax(q k^T / sqrt(d)) v as MatMul / Softmax / MatMul
+  qdq-int8     the same with q, k, v and the probabilities through int8/uint8 Q/DQ (ONNX
+               Runtime fuses both products into MatMulIntegerToFloat)
+  ort-mha      com.microsoft.MultiHeadAttention (ONNX Runtime's fused CPU kernel)
 
-Per Linear shape: median ms of `--repeat` calls, GMAC/s, speed-up against FP32; then each
-method's speed-up over the block's Linear layers weighted by their multiply-adds (q, k, v, out
-and the cross-attention's q, out at `--tokens` tokens, its k, v at `--text-tokens`, the FFN's
-two layers), and the bound above for `--gemm-share` (default 0.80, pixart-alpha-512's FP32
+Median ms of `--repeat` calls, the methods' calls interleaved; speed-up against FP32 and, for
+the Linear layers, the bound above at `--gemm-share` (default 0.80, pixart-alpha-512's FP32
 profile here). The CPU's vector extensions are recorded: without AVX-512 VNNI / AVX-VNNI,
 x86 int8 products go through VPMADDUBSW and gain far less over FP32 than with them.
 """
@@ -74,42 +80,63 @@ def _model(nodes, inputs, inits, opset=21, ms_domain=False):
     return helper.make_model(graph, opset_imports=opsets)
 
 
-def linear_models(m: int, k: int, n: int, rng, tmp: Path) -> dict:
-    """method -> ONNX model of y = x W for x (1, m, k)."""
+def linear_models(m: int, dims: list[int], rng, tmp: Path) -> dict:
+    """method -> ONNX model of the chain x -> Linear(dims[0], dims[1]) -> Linear(dims[1],
+    dims[2]) -> ... for x (1, m, dims[0]), every layer its own weight, as the layers of a
+    block stack follow each other: together far larger than the CPU's caches, so each call
+    streams its weights from memory as the whole model does (one layer timed alone keeps
+    its FP32 weight in cache and flatters FP32)."""
     from onnx import TensorProto, helper, numpy_helper as nh
 
-    w = (rng.standard_normal((k, n)) * k ** -0.5).astype(np.float32)
     x_amax = 4.0
-    fp32 = _model([helper.make_node("MatMul", ["x", "W"], ["y"])], [("x", [1, m, k])], [nh.from_array(w, "W")])
-    w_scale = (np.abs(w).max(axis=0) / 127).astype(np.float32)
-    w_q = np.round(w / w_scale).astype(np.int8)
-    inits = [nh.from_array(w_q, "Wq"), nh.from_array(w_scale, "ws"),
-             nh.from_array(np.array(x_amax / 127, np.float32), "xs"),
-             nh.from_array(np.full(2, x_amax / 127, np.float32), "xs_by_group"),
-             nh.from_array(np.array(128, np.uint8), "xz_u8"), nh.from_array(np.array(0, np.int8), "xz_s8"),
-             nh.from_array(np.array(0, np.int8), "wz")]
-    # The activation scale is the call's timestep group's, picked at run time (Gather), so the
-    # scale product stays a Mul node, which is what ONNX Runtime's fusion matches.
-    effgen_u8s8 = _model([
-        helper.make_node("Gather", ["xs_by_group", "group"], ["xs_g"], axis=0),
-        helper.make_node("QuantizeLinear", ["x", "xs_g", "xz_u8"], ["xq"]),
-        helper.make_node("MatMulInteger", ["xq", "Wq", "xz_u8", "wz"], ["acc"]),
-        helper.make_node("Cast", ["acc"], ["accf"], to=TensorProto.FLOAT),
-        helper.make_node("Mul", ["xs_g", "ws"], ["s"]),
-        helper.make_node("Mul", ["accf", "s"], ["y"])], [("x", [1, m, k]), ("group", [])], inits)
-    qdq_s8s8 = _model([
-        helper.make_node("QuantizeLinear", ["x", "xs", "xz_s8"], ["xq"]),
-        helper.make_node("DequantizeLinear", ["xq", "xs", "xz_s8"], ["xd"]),
-        helper.make_node("DequantizeLinear", ["Wq", "ws", "wz"], ["Wd"], axis=1),
-        helper.make_node("MatMul", ["xd", "Wd"], ["y"])], [("x", [1, m, k])], inits)
-    out = {"fp32": fp32, "effgen-u8s8": effgen_u8s8, "qdq-s8s8": qdq_s8s8}
+    fp_nodes, fp_inits, u8_nodes, s8_nodes = [], [], [], []
+    qinits = [nh.from_array(np.array(x_amax / 127, np.float32), "xs"),
+              nh.from_array(np.full(2, x_amax / 127, np.float32), "xs_by_group"),
+              nh.from_array(np.array(128, np.uint8), "xz_u8"), nh.from_array(np.array(0, np.int8), "xz_s8"),
+              nh.from_array(np.array(0, np.int8), "wz"),
+              # the call's timestep group's activation scale, picked at run time (Gather), so the
+              # scale product stays a Mul node, which is what ONNX Runtime's fusion matches
+              ]
+    u8_nodes.append(helper.make_node("Gather", ["xs_by_group", "group"], ["xs_g"], axis=0))
+    x = "x"
+    for i, (k, n) in enumerate(zip(dims[:-1], dims[1:])):
+        y = "y" if i == len(dims) - 2 else f"h{i}"
+        w = (rng.standard_normal((k, n)) * k ** -0.5).astype(np.float32)
+        w_scale = (np.abs(w).max(axis=0) / 127).astype(np.float32)
+        bias = (rng.standard_normal(n) * 0.01).astype(np.float32)
+        fp_inits += [nh.from_array(w, f"W{i}"), nh.from_array(bias, f"b{i}")]
+        qinits += [nh.from_array(np.round(w / w_scale).astype(np.int8), f"Wq{i}"),
+                   nh.from_array(w_scale, f"ws{i}"), nh.from_array(np.zeros(n, np.int8), f"wz{i}"),
+                   nh.from_array(bias, f"b{i}"), nh.from_array(bias[None], f"b2d{i}")]
+        # a Linear's bias, as exported: it also keeps one layer's output quantization from
+        # fusing into the previous layer's kernel, which a bare chain would allow
+        fp_nodes += [helper.make_node("MatMul", [x, f"W{i}"], [f"mm{i}"]),
+                     helper.make_node("Add", [f"mm{i}", f"b{i}"], [y])]
+        # effgen's ort-cpu form (exporter/qdq.py integer_matmuls), bias 1-D
+        u8_nodes += [helper.make_node("QuantizeLinear", [x, "xs_g", "xz_u8"], [f"xq{i}"]),
+                     helper.make_node("MatMulInteger", [f"xq{i}", f"Wq{i}", "xz_u8", "wz"], [f"acc{i}"]),
+                     helper.make_node("Cast", [f"acc{i}"], [f"accf{i}"], to=TensorProto.FLOAT),
+                     helper.make_node("Mul", ["xs_g", f"ws{i}"], [f"s{i}"]),
+                     helper.make_node("Mul", [f"accf{i}", f"s{i}"], [f"mm{i}"]),
+                     helper.make_node("Add", [f"mm{i}", f"b{i}"], [y])]
+        # TensorRT's Q/DQ form, bias [1, N] (exporter/qdq.py bias_to_2d)
+        s8_nodes += [helper.make_node("QuantizeLinear", [x, "xs", "xz_s8"], [f"xq{i}"]),
+                     helper.make_node("DequantizeLinear", [f"xq{i}", "xs", "xz_s8"], [f"xd{i}"]),
+                     helper.make_node("DequantizeLinear", [f"Wq{i}", f"ws{i}", f"wz{i}"], [f"Wd{i}"], axis=1),
+                     helper.make_node("MatMul", [f"xd{i}", f"Wd{i}"], [f"mm{i}"]),
+                     helper.make_node("Add", [f"mm{i}", f"b2d{i}"], [y])]
+        x = y
+    inputs = [("x", [1, m, dims[0]])]
+    fp32 = _model(fp_nodes, inputs, fp_inits)
+    out = {"fp32": fp32, "effgen-u8s8": _model(u8_nodes, inputs + [("group", [])], qinits),
+           "qdq-s8s8": _model(s8_nodes, inputs, qinits)}
 
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    src, dyn = tmp / f"fp32_{k}x{n}.onnx", tmp / f"dynamic_{k}x{n}.onnx"
+    src, dyn = tmp / "fp32.onnx", tmp / "dynamic.onnx"
     onnx.save(fp32, src)
-    logging.getLogger().setLevel(logging.ERROR)  # its advice to pre-process a one-MatMul graph
+    logging.getLogger().setLevel(logging.ERROR)  # its advice to pre-process the graph first
     quantize_dynamic(str(src), str(dyn), weight_type=QuantType.QInt8)
     out["ort-dynamic"] = onnx.load(dyn)
     try:
@@ -202,7 +229,8 @@ def main(argv=None) -> int:
     p.add_argument("--hidden", type=int, default=1152, help="pixart-alpha-512: 1152")
     p.add_argument("--ff", type=int, default=4608)
     p.add_argument("--tokens", type=int, default=1024, help="image tokens (512 px / 8 / patch 2: 1024)")
-    p.add_argument("--text-tokens", type=int, default=120)
+    p.add_argument("--blocks", type=int, default=4,
+                   help="blocks of layers chained, each with its own weights (4: ~300 MB of FP32)")
     p.add_argument("--heads", type=int, default=16)
     p.add_argument("--batch", type=int, default=2, help="2: classifier-free guidance")
     p.add_argument("--gemm-share", type=float, default=0.80,
@@ -212,27 +240,30 @@ def main(argv=None) -> int:
         p.error("--hidden must be a multiple of --heads")
 
     rng = np.random.default_rng(0)
-    m, mt, c, f = args.batch * args.tokens, args.batch * args.text_tokens, args.hidden, args.ff
-    # (name, rows, K, N, layers of this shape in a block)
-    shapes = [("hidden x hidden", m, c, c, 6), ("text k/v", mt, c, c, 2),
-              ("hidden x ff", m, c, f, 1), ("ff x hidden", m, f, c, 1)]
+    m, c, f = args.batch * args.tokens, args.hidden, args.ff
+    # A block's Linear layers at the image tokens, in order: self-attention q, k, v, out,
+    # cross-attention q, out (its k, v read the text tokens: <1% of the products, left out),
+    # the FFN's two layers; `--blocks` of them, each with its own weights.
+    dims = [c] + ([c] * 6 + [f, c]) * args.blocks
+    macs = m * sum(a * b for a, b in zip(dims[:-1], dims[1:]))
     rows: list[dict] = []
     result = {"cpu": cpu_info(), "threads": args.threads, "config": vars(args) | {"json": str(args.json)},
               "rows": rows}
     print(f"CPU: {result['cpu']}", file=sys.stderr)
     with tempfile.TemporaryDirectory() as tmp:
-        for name, rows_m, k, n, count in shapes:
-            feeds = {"x": rng.standard_normal((1, rows_m, k)).astype(np.float32),
-                     "group": np.array(0, np.int64)}
-            timed = time_models(linear_models(rows_m, k, n, rng, Path(tmp)), feeds, args.threads, args.repeat)
-            base = timed["fp32"][0]
-            for method, (ms, ops) in timed.items():
-                rows.append({"kernel": "linear", "shape": name, "m": rows_m, "k": k, "n": n,
-                             "layers_per_block": count, "method": method, "ms": round(ms, 3),
-                             "gmac_per_s": round(rows_m * k * n / ms / 1e6, 1),
-                             "speedup": round(base / ms, 3), "ops": ops})
-                print(f"{name:>16} {method:>12}: {ms:8.1f} ms  {rows[-1]['gmac_per_s']:6.1f} GMAC/s  "
-                      f"x{rows[-1]['speedup']:.2f}  {rows[-1]['ops']}", file=sys.stderr)
+        feeds = {"x": rng.standard_normal((1, m, c)).astype(np.float32), "group": np.array(0, np.int64)}
+        timed = time_models(linear_models(m, dims, rng, Path(tmp)), feeds, args.threads, args.repeat)
+        base = timed["fp32"][0]
+        name = f"{args.blocks} blocks' Linear layers ({len(dims) - 1})"
+        for method, (ms, ops) in timed.items():
+            speedup = base / ms
+            rows.append({"kernel": "linear", "shape": name, "rows": m, "macs": macs, "method": method,
+                         "ms": round(ms, 3), "gmac_per_s": round(macs / ms / 1e6, 1),
+                         "speedup": round(speedup, 3),
+                         "step_ratio_bound": round((1 - args.gemm_share) + args.gemm_share / speedup, 3),
+                         "ops": ops})
+            print(f"{'linear':>10} {method:>12}: {ms:8.1f} ms  {rows[-1]['gmac_per_s']:6.1f} GMAC/s  "
+                  f"x{speedup:.2f}  {ops}", file=sys.stderr)
         d = c // args.heads
         feeds = {t: rng.standard_normal((args.batch, args.tokens, c)).astype(np.float32) for t in "qkv"}
         timed = time_models(attention_models(args.batch, args.heads, args.tokens, d), feeds,
@@ -244,26 +275,18 @@ def main(argv=None) -> int:
             print(f"{'attention':>16} {method:>12}: {ms:8.1f} ms  x{rows[-1]['speedup']:.2f}  "
                   f"{rows[-1]['ops']}", file=sys.stderr)
 
-    linear = [r for r in rows if r["kernel"] == "linear"]
-    fp_ms = sum(r["ms"] * r["layers_per_block"] for r in linear if r["method"] == "fp32")
-    summary = {}
-    for method in dict.fromkeys(r["method"] for r in linear):
-        ms = sum(r["ms"] * r["layers_per_block"] for r in linear if r["method"] == method)
-        speedup = fp_ms / ms
-        summary[method] = {"block_linear_ms": round(ms, 1), "speedup": round(speedup, 3),
-                           "step_ratio_bound": round((1 - args.gemm_share) + args.gemm_share / speedup, 3)}
-    result["block_linear"] = summary
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(result, indent=2))
 
     print(f"\n{args.threads} threads, {result['cpu']['model']} "
           f"(AVX-512 VNNI: {result['cpu']['avx512_vnni']}, AVX-VNNI: {result['cpu']['avx_vnni']})")
-    print(f"One block's Linear layers (batch {args.batch}, {args.tokens} tokens, width {c}, FFN {f}); "
-          f"step-ratio bound at a {args.gemm_share:.0%} GEMM share of the FP32 call:\n")
-    print("| method | block Linear ms | speed-up vs FP32 | step ratio >= |")
-    print("|---|---:|---:|---:|")
-    for method, s in summary.items():
-        print(f"| {method} | {s['block_linear_ms']:.1f} | {s['speedup']:.2f}x | {s['step_ratio_bound']:.3f} |")
+    print(f"{args.blocks} blocks' Linear layers (batch {args.batch} x {args.tokens} tokens, width {c}, "
+          f"FFN {f}); step-ratio bound at a {args.gemm_share:.0%} GEMM share of the FP32 call:\n")
+    print("| method | ms | GMAC/s | speed-up vs FP32 | step ratio >= |")
+    print("|---|---:|---:|---:|---:|")
+    for r in (r for r in rows if r["kernel"] == "linear"):
+        print(f"| {r['method']} | {r['ms']:.1f} | {r['gmac_per_s']:.1f} | {r['speedup']:.2f}x | "
+              f"{r['step_ratio_bound']:.3f} |")
     att = [r for r in rows if r["kernel"] == "attention"]
     print("\n| attention | ms | speed-up vs FP32 |\n|---|---:|---:|")
     for r in att:
