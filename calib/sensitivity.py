@@ -41,6 +41,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
+from .gptq import HESSIAN_FORMAT
 from .plan import FORMAT, FP, LayerPrecision, Plan
 from .stats import (CALIB_SEED, cache_dir, calibration_items, collect_statistics, encode_conditions,
                     in_features, module_kind, quantizable_modules, read_cache, weights_hash)
@@ -379,7 +380,9 @@ def measure_sensitivity(denoiser, techniques: dict[str, Any] | None = None, targ
            "n_calib": n_calib, "candidates": [p.to_json() for p in cands], "target": target,
            "techniques": techniques, "content_rules": list(content_rules),
            "per_timestep": per_timestep, "noise_seed": CALIB_SEED, "layers": layers,
-           "stats": None if stats is None else stats.meta.get("key")}
+           "stats": None if stats is None else stats.meta.get("key"),
+           # GPTQ's codes (weight_rounding) come from Hessians of this format
+           "hessians": HESSIAN_FORMAT}
     key = sensitivity_key(doc)
     path = Path(cache or cache_dir()) / "sensitivity" / f"{spec.name}-{key[:24]}.json"
     cached = read_cache(path, lambda f: Sensitivity.from_json(json.loads(f.read_text())),
