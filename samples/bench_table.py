@@ -232,7 +232,7 @@ def measure(bundles: dict[str, Path], args, steps: int | None, repeat: int) -> d
             out[method] = {"error": f"{type(e).__name__}: {e}"}
             continue
         r["step_ms"] = round(float(np.median(times[method]["step"])), 3)
-        r["step_ms_rounds"] = [round(t, 1) for t in times[method]["step"]]
+        r["step_ms_rounds"] = [round(t, 3) for t in times[method]["step"]]
         r["image_ms"] = round(float(np.median(times[method]["image"])), 3) if times[method]["image"] else None
         out[method] = r
     return out
