@@ -25,9 +25,11 @@ bench` times: one denoiser call at the graph's batch, one whole image; peak RSS 
 process, so peak memory is per bundle). The processes load their bundles side by side and
 their calls are interleaved, one process running at a time: a warm-up call each, then
 `--repeat` rounds of one call per bundle (medians reported), then a warm-up image and
-`--images` rounds of one image each, so load on a shared machine falls on every method alike. weight_bytes: the denoiser's graphs + weight file. Quality against the
-FP32 bundle from the same noise: psnr of the final images (`effgen eval`, reference models)
-and sqnr_db of one denoiser call (mean over timesteps 100, 500, 900).
+`--images` rounds of one image each, so load on a shared machine falls on every method alike
+(`step_ms_rounds` in the JSON: every round's time). weight_bytes: the denoiser's graphs +
+weight file. Quality against the FP32 bundle from the same noise: psnr of the final images
+(`effgen eval`, reference models) and sqnr_db of one denoiser call (mean over timesteps 100,
+500, 900).
 """
 
 from __future__ import annotations
