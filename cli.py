@@ -111,7 +111,9 @@ def cmd_bench(args) -> int:
 
     if args.profile and args.backend != "ort":
         raise SystemExit("effgen bench: --profile needs --backend ort (ONNX Runtime's profiler)")
-    result = bench_bundle(args.bundle, steps=args.steps, images=args.images,
+    if len(args.bundle) > 1:
+        return _bench_several(args)
+    result = bench_bundle(args.bundle[0], steps=args.steps, images=args.images,
                           repeat=args.repeat, threads=args.threads, backend=args.backend,
                           profile=args.profile)
     for k, v in result.items():
@@ -127,6 +129,37 @@ def cmd_bench(args) -> int:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
         print(f"wrote {args.json}")
     return 0
+
+
+def _bench_several(args) -> int:
+    from .runtime.bench import bench_interleaved
+
+    if args.profile:
+        raise SystemExit("effgen bench: --profile times one bundle")
+    results = bench_interleaved(args.bundle, steps=args.steps, images=args.images,
+                                repeat=args.repeat, threads=args.threads, backend=args.backend)
+    base = results[0] if "error" not in results[0] else None
+    print(f"{len(results)} bundles, calls interleaved ({args.repeat} rounds, {args.images} images)"
+          + (f"; ratios against {results[0]['bundle']}" if base else ""))
+    print(f"{'bundle':<40} {'step_ms':>10} {'x':>6} {'image_ms':>10} {'x':>6} {'peak_mb':>8} "
+          f"{'weight_bytes':>14} {'x':>6}")
+    failed = 0
+    for r in results:
+        if "error" in r:
+            print(f"{r['bundle']:<40} failed: {r['error']}")
+            failed += 1
+            continue
+
+        def ratio(key):
+            return f"{r[key] / base[key]:6.2f}" if base and r.get(key) and base.get(key) else f"{'-':>6}"
+
+        image = f"{r['image_ms']:10.1f}" if r["image_ms"] is not None else f"{'-':>10}"
+        print(f"{r['bundle']:<40} {r['step_ms']:10.2f} {ratio('step_ms')} {image} {ratio('image_ms')} "
+              f"{r['peak_mb']:8.1f} {r['weight_bytes']:14,d} {ratio('weight_bytes')}")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
+        print(f"wrote {args.json}")
+    return 1 if failed else 0
 
 
 def cmd_compare(args) -> int:
@@ -530,8 +563,11 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="latency per denoiser step and per image, memory, weight bytes",
                        description="Measure a bundle on ONNX Runtime: median latency of one "
                        "denoiser call (ECAR: one head call of the last stage) and of one whole "
-                       "image, peak resident memory and the bytes of its weights.")
-    b.add_argument("bundle", type=Path)
+                       "image, peak resident memory and the bytes of its weights. With several "
+                       "bundles (e.g. FP and quantized), each runs in its own process and their "
+                       "calls are interleaved round by round, so a machine whose load comes and "
+                       "goes affects them alike; ratios are against the first bundle.")
+    b.add_argument("bundle", type=Path, nargs="+")
     b.add_argument("--steps", type=int, default=None, help="sampler steps per image")
     b.add_argument("--images", type=int, default=2, help="images timed")
     b.add_argument("--repeat", type=int, default=10, help="denoiser calls timed")

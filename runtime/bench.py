@@ -30,6 +30,14 @@ def weight_bytes(bundle: Bundle) -> int:
 
 
 def peak_rss_mb() -> float:
+    """Peak resident memory of this process. On Linux VmHWM, which belongs to the process's
+    own address space: ru_maxrss survives exec, so in a worker started from a larger process
+    it would report the parent's size at fork."""
+    status = Path("/proc/self/status")
+    if status.is_file():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
     kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return kb / 1024 if sys.platform != "darwin" else kb / 2**20
 
@@ -162,3 +170,120 @@ def bench_bundle(path: str | Path, steps: int | None = None, images: int = 2, re
         del timer
         result["op_ms"] = profile_denoiser(bundle, feeds, 500.0, threads)
     return result
+
+
+# --- several bundles, interleaved ----------------------------------------------------------
+
+
+def serve(path: str | Path, steps: int | None, threads: int, backend: str) -> None:
+    """A timing worker (`python -m effgen.runtime.bench --serve BUNDLE`): load the bundle,
+    print "ready", then answer each "step" / "image SEED" on stdin with the call's
+    milliseconds and "quit" with BundleTimer.info() as JSON."""
+    timer = BundleTimer(path, steps=steps, threads=threads, backend=backend)
+    print("ready", flush=True)
+    for line in sys.stdin:
+        cmd = line.split()
+        if cmd == ["step"]:
+            print(timer.step(), flush=True)
+        elif len(cmd) == 2 and cmd[0] == "image":
+            print(timer.image(int(cmd[1])), flush=True)
+        elif cmd == ["quit"]:
+            print(json.dumps(timer.info()), flush=True)
+            return
+        else:
+            raise ValueError(f"unknown request {line.strip()!r}")
+
+
+class TimerProcess:
+    """One bundle's BundleTimer in its own worker process (its own peak memory)."""
+
+    def __init__(self, path: str | Path, steps: int | None, threads: int, backend: str):
+        import subprocess
+
+        self.path = str(path)
+        cmd = [sys.executable, "-m", "effgen.runtime.bench", "--serve", self.path,
+               "--threads", str(threads), "--backend", backend]
+        if steps is not None:
+            cmd += ["--steps", str(steps)]
+        self.stderr = tempfile.TemporaryFile(mode="w+")  # a file: a full pipe would stall the worker
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=self.stderr, text=True)
+        self._reply("ready")
+
+    def ask(self, request: str) -> str:
+        self.proc.stdin.write(request + "\n")
+        self.proc.stdin.flush()
+        return self._reply(None)
+
+    def _reply(self, expected: str | None) -> str:
+        out = self.proc.stdout.readline().strip()
+        if not out or (expected is not None and out != expected):
+            self.proc.kill()
+            self.proc.wait()
+            self.stderr.seek(0)
+            err = self.stderr.read().strip().splitlines()
+            raise RuntimeError(f"{self.path}: {err[-1] if err else 'the timing worker stopped'}")
+        return out
+
+
+def bench_interleaved(paths: list[str | Path], steps: int | None = None, images: int = 2,
+                      repeat: int = 10, threads: int = 0, backend: str = "ort",
+                      pause_s: float = 0.2) -> list[dict]:
+    """`bench_bundle` for several bundles at once, for comparing them on a machine whose load
+    comes and goes: each bundle in its own worker process (TimerProcess), all loaded side by
+    side; one warm-up call each, then `repeat` rounds of one denoiser call per bundle, then a
+    warm-up image and `images` rounds of one image each, one process running at a time and
+    `pause_s` between calls (ONNX Runtime's threads spin a while after a run). Returns one
+    result per bundle, in order: BundleTimer.info() with the medians `step_ms`, `image_ms` and
+    every round's `step_ms_rounds`, or {"bundle", "error"} for a bundle that failed."""
+    workers: dict[int, TimerProcess] = {}
+    out: list[dict | None] = [None] * len(paths)
+    for i, path in enumerate(paths):
+        try:
+            workers[i] = TimerProcess(path, steps, threads, backend)
+        except RuntimeError as e:  # one bundle that cannot load must not lose the others
+            out[i] = {"bundle": str(path), "error": str(e)}
+    times = {i: {"step": [], "image": []} for i in workers}
+    rounds = [("step", "step", False)] + [("step", "step", True)] * repeat
+    if images:
+        rounds += [("image", "image 0", False)] + [("image", f"image {k}", True) for k in range(images)]
+    for kind, request, keep in rounds:
+        for i, worker in list(workers.items()):
+            time.sleep(pause_s)
+            try:
+                ms = float(worker.ask(request))
+            except RuntimeError as e:
+                out[i] = {"bundle": str(paths[i]), "error": str(e)}
+                del workers[i]
+                continue
+            if keep:
+                times[i][kind].append(ms)
+    for i, worker in workers.items():
+        try:
+            result = json.loads(worker.ask("quit"))
+            worker.proc.wait(timeout=60)
+        except RuntimeError as e:
+            out[i] = {"bundle": str(paths[i]), "error": str(e)}
+            continue
+        result["step_ms"] = round(statistics.median(times[i]["step"]), 3) if times[i]["step"] else None
+        result["image_ms"] = round(statistics.median(times[i]["image"]), 3) if times[i]["image"] else None
+        result["step_ms_rounds"] = [round(t, 3) for t in times[i]["step"]]
+        out[i] = result
+    return out
+
+
+def _main(argv=None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(description="timing worker of effgen.runtime.bench.bench_interleaved")
+    p.add_argument("--serve", type=Path, required=True)
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--backend", default="ort")
+    args = p.parse_args(argv)
+    serve(args.serve, args.steps, args.threads, args.backend)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_main())

@@ -20,13 +20,11 @@ Methods (every bundle from the same FP graph, `effgen-export`):
   w8a8-variants-1/-4    the w8a8 plan with 1 and 4 timestep groups (variant memory check; an
                         ort-cpu bundle is one graph for all groups, so K only adds scales)
 
-Each bundle is measured in its own process (effgen.runtime.bench.BundleTimer, what `effgen
-bench` times: one denoiser call at the graph's batch, one whole image; peak RSS of that
-process, so peak memory is per bundle). The processes load their bundles side by side and
-their calls are interleaved, one process running at a time: a warm-up call each, then
-`--repeat` rounds of one call per bundle (medians reported), then a warm-up image and
-`--images` rounds of one image each, so load on a shared machine falls on every method alike
-(`step_ms_rounds` in the JSON: every round's time). weight_bytes: the denoiser's graphs +
+The bundles are timed together, interleaved (effgen.runtime.bench.bench_interleaved, what
+`effgen bench A B ...` runs): each in its own process (peak memory per bundle), one process
+running at a time, a warm-up call each, then `--repeat` rounds of one denoiser call per bundle
+(medians reported; `step_ms_rounds` in the JSON: every round's time), then a warm-up image and
+`--images` rounds of one image each, so load on a shared machine falls on every method alike. weight_bytes: the denoiser's graphs +
 weight file. Quality against the FP32 bundle from the same noise: psnr of the final images
 (`effgen eval`, reference models) and sqnr_db of one denoiser call (mean over timesteps 100,
 500, 900).
@@ -38,9 +36,7 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -131,7 +127,7 @@ def peer_bundle(fp_bundle: Path, out: Path, method: str) -> None:
     os.replace(tmp, out)
 
 
-# --- measurement (one subprocess per bundle) ---------------------------------------------
+# --- bytes, and quality against FP32 -------------------------------------------------------
 
 
 def denoiser_bytes(bundle: Path) -> int:
@@ -139,105 +135,6 @@ def denoiser_bytes(bundle: Path) -> int:
     comp = m["components"]["denoiser"]
     files = {v["onnx"] for v in comp["variants"]} | {comp["external_data"]}
     return sum((bundle / f).stat().st_size for f in files)
-
-
-def _peak_mb() -> float | None:
-    # ru_maxrss survives exec on Linux: in a child it starts at the parent's size at fork
-    # (this script's torch process). VmHWM belongs to the new address space.
-    status = Path("/proc/self/status")
-    if status.is_file():
-        hwm = [ln for ln in status.read_text().splitlines() if ln.startswith("VmHWM:")]
-        if hwm:
-            return round(int(hwm[0].split()[1]) / 1024, 1)
-    return None
-
-
-def serve(bundle: Path, threads: int, steps: int | None) -> None:
-    """The worker: load the bundle, answer "step" / "image SEED" on stdin with the call's
-    milliseconds, and "quit" with the bundle's numbers (peak memory of this process)."""
-    from effgen.runtime.bench import BundleTimer
-
-    timer = BundleTimer(bundle, steps=steps, threads=threads)
-    print("ready", flush=True)
-    for line in sys.stdin:
-        cmd = line.split()
-        if cmd[0] == "step":
-            print(timer.step(), flush=True)
-        elif cmd[0] == "image":
-            print(timer.image(int(cmd[1])), flush=True)
-        elif cmd[0] == "quit":
-            info = timer.info()
-            info["peak_mb"] = _peak_mb() or info["peak_mb"]
-            info["denoiser_bytes"] = denoiser_bytes(bundle)
-            print(json.dumps(info), flush=True)
-            return
-
-
-class Worker:
-    def __init__(self, bundle: Path, args, steps: int | None):
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--serve", str(bundle),
-               "--threads", str(args.threads)] + (["--steps", str(steps)] if steps is not None else [])
-        self.bundle = bundle
-        self.stderr = tempfile.TemporaryFile(mode="w+")  # a file: a full pipe would stall the worker
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=self.stderr, text=True)
-        self.expect("ready")
-
-    def ask(self, line: str) -> str:
-        self.proc.stdin.write(line + "\n")
-        self.proc.stdin.flush()
-        return self.expect(None)
-
-    def expect(self, word: str | None) -> str:
-        out = self.proc.stdout.readline().strip()
-        if not out or (word is not None and out != word):
-            self.proc.kill()
-            self.proc.wait()
-            self.stderr.seek(0)
-            err = self.stderr.read().strip().splitlines()
-            raise RuntimeError(f"measuring {self.bundle} failed: {err[-1] if err else 'no output'}")
-        return out
-
-
-def measure(bundles: dict[str, Path], args, steps: int | None, repeat: int) -> dict[str, dict]:
-    """Every bundle in its own process, all loaded at once, their calls interleaved: one
-    warm-up call each, then `repeat` rounds of one denoiser call per bundle, then one warm-up
-    image and `args.images` rounds of one image each, one process running at a time. Host
-    load that comes and goes then falls on every bundle alike. Returns method -> BundleTimer.info
-    plus the medians step_ms, image_ms (or {"error": ...})."""
-    workers, out = {}, {}
-    for method, bundle in bundles.items():
-        try:
-            workers[method] = Worker(bundle, args, steps)
-        except Exception as e:  # one bundle that cannot load must not lose the others' numbers
-            out[method] = {"error": f"{type(e).__name__}: {e}"}
-    times = {m: {"step": [], "image": []} for m in workers}
-    rounds = [("step", "step", False)] + [("step", "step", True)] * repeat
-    if args.images:
-        rounds += [("image", "image 0", False)] + [("image", f"image {i}", True) for i in range(args.images)]
-    for kind, line, keep in rounds:
-        for method, w in list(workers.items()):
-            try:
-                time.sleep(0.2)  # let the previous process's spinning ONNX Runtime threads park
-                ms = float(w.ask(line))
-            except Exception as e:
-                out[method] = {"error": f"{type(e).__name__}: {e}"}
-                del workers[method]
-                continue
-            if keep:
-                times[method][kind].append(ms)
-    for method, w in workers.items():
-        try:
-            r = json.loads(w.ask("quit"))
-            w.proc.wait(timeout=60)
-        except Exception as e:
-            out[method] = {"error": f"{type(e).__name__}: {e}"}
-            continue
-        r["step_ms"] = round(float(np.median(times[method]["step"])), 3)
-        r["step_ms_rounds"] = [round(t, 3) for t in times[method]["step"]]
-        r["image_ms"] = round(float(np.median(times[method]["image"])), 3) if times[method]["image"] else None
-        out[method] = r
-    return out
 
 
 def call_sqnr(bundle: Path, fp_bundle: Path, threads: int) -> float:
@@ -309,13 +206,10 @@ def main(argv=None) -> int:
     p.add_argument("--calib-steps", type=int, default=None)
     p.add_argument("--rebuild", action="store_true", help="re-export bundles that exist")
     p.add_argument("--verbose", action="store_true")
-    p.add_argument("--serve", type=Path, default=None, help=argparse.SUPPRESS)
-    p.add_argument("--steps", type=int, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    if args.serve is not None:  # a measuring worker
-        serve(args.serve, args.threads, args.steps)
-        return 0
     import torch
+
+    from effgen.runtime.bench import bench_interleaved
 
     torch.set_num_threads(max(1, args.threads))
     models = list(args.models) + ([REAL_ARCH] if args.real_arch else [])
@@ -348,14 +242,14 @@ def main(argv=None) -> int:
         if fp_bundle is None:
             continue
         log(f"  {model}: timing {', '.join(bundles)} interleaved")
-        timed = measure(bundles, args, steps, min(args.repeat, 5) if real else args.repeat)
-        for method, bundle in bundles.items():
-            r = timed[method]
+        timed = bench_interleaved(list(bundles.values()), steps=steps, images=args.images,
+                                  repeat=min(args.repeat, 5) if real else args.repeat, threads=args.threads)
+        for (method, bundle), r in zip(bundles.items(), timed):
             try:
                 if "error" in r:
                     raise RuntimeError(r["error"])
                 row = {"model": model, "method": method, "step_ms": r["step_ms"], "image_ms": r["image_ms"],
-                       "weight_bytes": r["denoiser_bytes"], "bundle_bytes": r["weight_bytes"],
+                       "weight_bytes": denoiser_bytes(bundle), "bundle_bytes": r["weight_bytes"],
                        "peak_mb": r["peak_mb"], "threads": args.threads, "steps": r["steps"],
                        "step_ms_rounds": r["step_ms_rounds"]}
                 row["sqnr_db"] = None if method == "fp32" else round(call_sqnr(bundle, fp_bundle, args.threads), 2)

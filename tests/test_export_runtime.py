@@ -4,6 +4,7 @@ same noise and scheduler."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -125,3 +126,26 @@ def test_bench_writes_json(tiny_bundles, tmp_path, capsys):
         (tiny_bundles["dit-tiny"] / f).stat().st_size for f in
         ["denoiser.onnx", "denoiser.weights", "vae_decoder.onnx", "vae_decoder.weights"])
     assert result["peak_mb"] > 0
+
+
+def test_bench_several_bundles_interleaved(tiny_bundles, tmp_path, capsys):
+    """Several bundles: each timed in its own worker process, their calls interleaved; a
+    bundle that cannot load is reported on its own line and fails the command, without
+    losing the others' numbers."""
+    from effgen.cli import main
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_bundles["dit-tiny"], broken)
+    (broken / "denoiser.onnx").write_bytes(b"not an onnx graph")
+    out = tmp_path / "bench.json"
+    bundles = [tiny_bundles["dit-tiny"], tiny_bundles["pixart-tiny"], broken]
+    assert main(["bench", *map(str, bundles), "--repeat", "3", "--images", "1", "--steps", "2",
+                 "--threads", "1", "--json", str(out)]) == 1
+    results = json.loads(out.read_text())
+    for r, bundle in zip(results[:2], bundles):
+        assert r["bundle"] == str(bundle) and "error" not in r
+        assert len(r["step_ms_rounds"]) == 3 and r["step_ms"] == sorted(r["step_ms_rounds"])[1]
+        assert r["image_ms"] > r["step_ms"] and r["steps"] == 2 and r["peak_mb"] > 0
+    assert "broken" in results[2]["error"]
+    printed = capsys.readouterr().out
+    assert "ratios against" in printed and "failed:" in printed
