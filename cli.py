@@ -111,6 +111,8 @@ def cmd_bench(args) -> int:
 
     if args.profile and args.backend != "ort":
         raise SystemExit("effgen bench: --profile needs --backend ort (ONNX Runtime's profiler)")
+    if args.repeat < 1 or args.images < 0:
+        raise SystemExit("effgen bench: --repeat must be at least 1 and --images at least 0")
     if len(args.bundle) > 1:
         return _bench_several(args)
     result = bench_bundle(args.bundle[0], steps=args.steps, images=args.images,
