@@ -215,6 +215,7 @@ def time_models(models: dict, feeds: dict, threads: int, repeat: int) -> dict[st
     times: dict[str, list[float]] = {m: [] for m in models}
     for _ in range(repeat):
         for method, (sess, f) in sessions.items():
+            time.sleep(0.1)  # the previous session's threads spin a while after its run
             t0 = time.perf_counter()
             sess.run(None, f)
             times[method].append(time.perf_counter() - t0)
