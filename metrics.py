@@ -165,21 +165,32 @@ def attribute_accuracy(images: np.ndarray, attrs: Sequence[refdata.Attributes],
     match the requested attributes. Size and background are not scored: they are the
     attributes least tied to what quantization damages, and the shape/colour/position triple
     is what the held-out split tests. `predicted`: the classifier's reading, if already made."""
+    return float(attributes_right(images, attrs, predicted).mean())
+
+
+def attributes_right(images: np.ndarray, attrs: Sequence[refdata.Attributes],
+                     predicted: dict | None = None) -> np.ndarray:
+    """Per image: does it show the shape, colour and position asked for (attribute_accuracy's
+    test)."""
     predicted = _predicted(images, len(attrs), predicted)
     wanted = refdata.labels_of(list(attrs))
     ok = np.ones(len(images), bool)
     for key in ("shape", "colour", "position"):
         ok &= predicted[key] == wanted[key]
-    return float(ok.mean())
+    return ok
 
 
 def class_accuracy(images: np.ndarray, class_ids: Sequence[int],
                    predicted: dict | None = None) -> float:
     """Fraction of images whose predicted (shape, colour) is the refdata class asked for."""
+    return float(class_right(images, class_ids, predicted).mean())
+
+
+def class_right(images: np.ndarray, class_ids: Sequence[int], predicted: dict | None = None) -> np.ndarray:
+    """Per image: is its predicted (shape, colour) the class asked for."""
     class_ids = np.asarray(class_ids, np.int64)
     predicted = _predicted(images, len(class_ids), predicted)
-    predicted_class = predicted["shape"] * len(refdata.COLOURS) + predicted["colour"]
-    return float((predicted_class == class_ids).mean())
+    return predicted["shape"] * len(refdata.COLOURS) + predicted["colour"] == class_ids
 
 
 def accuracy_by_attribute(predicted: dict[str, np.ndarray],
@@ -198,11 +209,16 @@ def evaluate(images: np.ndarray, reference_images: np.ndarray | None = None,
     `psnr`, `ssim`: means over images against `reference_images` (same noise, FP model);
     `fd`: Fréchet distance of classifier features against `real_images`;
     `attr_acc`: against `attrs` (text-conditioned models); `class_acc`: against `class_ids`;
-    `acc_by_attribute`: each attribute's accuracy (with attrs or class ids); `n_images`. The mean PSNR is inf when an image equals its reference exactly."""
+    `acc_by_attribute`: each attribute's accuracy (with attrs or class ids);
+    `acc_lost`, `acc_gained` (with reference images and attrs or class ids): images the
+    reference shows right and these wrong, and the reverse (attributes for text prompts, the
+    class otherwise). Accuracies of a quantized model and its FP reference are paired, image
+    by image, so these counts say how much of an accuracy difference is a few flipped images;
+    `n_images`. The mean PSNR is inf when an image equals its reference exactly."""
     images = np.asarray(images)
     result: dict[str, Any] = {"psnr": None, "ssim": None, "fd": None, "attr_acc": None,
-                              "class_acc": None, "acc_by_attribute": None,
-                              "n_images": int(len(images))}
+                              "class_acc": None, "acc_by_attribute": None, "acc_lost": None,
+                              "acc_gained": None, "n_images": int(len(images))}
     if reference_images is not None:
         result["psnr"] = float(np.mean(psnr(images, reference_images)))
         result["ssim"] = float(np.mean(ssim(images, reference_images)))
@@ -223,6 +239,15 @@ def evaluate(images: np.ndarray, reference_images: np.ndarray | None = None,
                 shape, colour = np.divmod(np.asarray(class_ids, np.int64), len(refdata.COLOURS))
                 result["acc_by_attribute"] = accuracy_by_attribute(
                     predicted, {"shape": shape, "colour": colour})
+        if reference_images is not None:
+            def right(imgs, pred):
+                return (attributes_right(imgs, attrs, pred) if attrs is not None
+                        else class_right(imgs, class_ids, pred))
+
+            ok = right(images, predicted)
+            ok_ref = right(reference_images, predict(np.asarray(reference_images)))
+            result["acc_lost"] = int((ok_ref & ~ok).sum())
+            result["acc_gained"] = int((~ok_ref & ok).sum())
     return result
 
 

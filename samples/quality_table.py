@@ -38,6 +38,8 @@ Methods:
            Sensitivities are cached under $EFFGEN_CACHE, so rows sharing techniques measure once.
   mp-w4.5a8-sqnr-only, mp-w4.5a8-ssim-only (on request): mp-w4.5a8 with every layer judged by
            one metric (the denoiser output's SQNR; final-image SSIM), against the default split.
+acc_lost / acc_gained ("-/+" in the printed table): images FP shows right and the method
+wrong, and the reverse (metrics.evaluate); the accuracy difference is their difference / N.
 weight_ratio: weight bytes / FP's on the target; weight_ratio_w8a8: / uniform W8A8's.
 All methods are calibrated on refdata.eval_prompts(n_calib, seed=999) (statistics cached).
 This is the PyTorch simulation of the target's numerics; the exported QDQ bundles are
@@ -56,7 +58,6 @@ import traceback
 import warnings
 from pathlib import Path
 
-import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -257,7 +258,8 @@ def main(argv=None) -> int:
                                       attrs=attrs if spec.family == "pixart" else None,
                                       class_ids=class_ids, real_images=real)
             emit({**base, "method": method, **{k: result[k] for k in
-                                                ("psnr", "ssim", "fd", "attr_acc", "class_acc")},
+                                                ("psnr", "ssim", "fd", "attr_acc", "class_acc",
+                                                 "acc_lost", "acc_gained")},
                   "weight_bytes": wbytes, "weight_ratio": round(wbytes / fp_bytes, 4),
                   "weight_ratio_w8a8": round(wbytes / w8a8_bytes, 4),
                   "seconds": round(seconds, 1), "skipped": None, **extra})
@@ -305,7 +307,7 @@ def main(argv=None) -> int:
 
     log("")
     log(f"{'model':>10} {'method':>15} {'psnr':>7} {'ssim':>6} {'fd':>8} {'attr':>5} {'class':>5} "
-        f"{'MB':>6} {'x FP':>5} {'x W8':>5}")
+        f"{'-/+':>7} {'MB':>6} {'x FP':>5} {'x W8':>5}")
     for r in rows:
         if r.get("skipped"):
             log(f"{r['model']:>10} {r['method']:>15}  skipped: {r['skipped']}")
@@ -313,9 +315,12 @@ def main(argv=None) -> int:
 
         def f(v, fmt):
             return "-" if v is None else format(v, fmt)
+
+        def flips(r):
+            return "-" if r.get("acc_lost") is None else f"-{r['acc_lost']}/+{r['acc_gained']}"
         log(f"{r['model']:>10} {r['method']:>15} {f(r['psnr'], '7.2f')} {f(r['ssim'], '6.3f')} "
             f"{f(r['fd'], '8.2f')} {f(r['attr_acc'], '5.2f')} {f(r['class_acc'], '5.2f')} "
-            f"{r['weight_bytes'] / 1e6:6.2f} {r['weight_ratio']:5.2f} {r['weight_ratio_w8a8']:5.2f}")
+            f"{flips(r):>7} {r['weight_bytes'] / 1e6:6.2f} {r['weight_ratio']:5.2f} {r['weight_ratio_w8a8']:5.2f}")
     print(f"wrote {args.json}")
     return 0
 

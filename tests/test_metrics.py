@@ -247,3 +247,26 @@ def test_accuracy_by_attribute_names_what_a_picture_gets_wrong():
     wrong = evaluate(images, attrs=recoloured)
     assert wrong["acc_by_attribute"]["colour"] == 0.0 and wrong["attr_acc"] == 0.0
     assert wrong["acc_by_attribute"]["shape"] == right["acc_by_attribute"]["shape"]
+
+
+@needs_classifier
+def test_accuracy_flips_against_the_reference_pair_images():
+    """acc_lost / acc_gained count images, paired with the reference's: pictures of other
+    prompts in place of six right ones lose about six and gain none, and the accuracy
+    difference is exactly (gained - lost) / n."""
+    from effgen.metrics import evaluate
+    from effgen.models import refdata
+
+    images, attrs = refdata.make_dataset(24, "heldout", seed=5)
+    same = evaluate(images, reference_images=images, attrs=attrs)
+    assert (same["acc_lost"], same["acc_gained"]) == (0, 0)
+    swapped = images.copy()
+    swapped[:6] = images[12:18]
+    r = evaluate(swapped, reference_images=images, attrs=attrs)
+    assert r["acc_lost"] >= 5 and r["acc_gained"] == 0
+    assert r["attr_acc"] - same["attr_acc"] == pytest.approx((r["acc_gained"] - r["acc_lost"]) / 24)
+    ids = [a.class_id for a in attrs]
+    c, c_same = (evaluate(x, reference_images=images, class_ids=ids) for x in (swapped, images))
+    assert c["acc_lost"] >= 4
+    assert c["class_acc"] - c_same["class_acc"] == pytest.approx((c["acc_gained"] - c["acc_lost"]) / 24)
+    assert evaluate(swapped, attrs=attrs)["acc_lost"] is None  # no reference, no pairing
