@@ -203,6 +203,9 @@ def cmd_eval(args) -> int:
     if result.get("acc_by_attribute"):
         print(f"  {'acc per attribute':>26}: "
               + ", ".join(f"{k} {v:.2f}" for k, v in result["acc_by_attribute"].items()))
+    if result.get("acc_lost") is not None:
+        print(f"  {'flips vs reference':>26}: {result['acc_lost']} right there and wrong "
+              f"here, {result['acc_gained']} the reverse")
     if args.json:
         write_json(args.json, result)
         print(f"wrote {args.json}")
