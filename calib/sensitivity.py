@@ -85,7 +85,7 @@ def allocatable_layers(denoiser) -> list[str]:
     """The layers the allocator chooses precisions for: every quantizable Linear, the
     embedders, adaLN modulation and final layer (which uniform plans keep FP) included, so
     that a weight budget is a budget for the model's weights. Measured, pixart-ref and dit-ref
-    on trt at 4.5 bits (samples/quality_table.py, 64 images): against the block linears alone
+    on trt at 4.5 bits (samples/quality_table.py, 64 images, float64 Hessians): against the block linears alone
     with the rest FP, pixart-ref 33.77 -> 33.98 dB at 1.46 -> 1.15 MB (0.70x -> 0.56x uniform
     W8A8's bytes), dit-ref 39.49 -> 38.03 dB at 2.65 -> 1.37 MB (0.85x -> 0.44x), both still
     above uniform W4A8 with those layers FP (33.07 / 34.95 dB). Left out (and FP): the

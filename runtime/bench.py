@@ -222,6 +222,7 @@ class TimerProcess:
             self.proc.wait()
             self.stderr.seek(0)
             err = self.stderr.read().strip().splitlines()
+            self.stderr.close()
             raise RuntimeError(f"{self.path}: {err[-1] if err else 'the timing worker stopped'}")
         return out
 
@@ -265,6 +266,8 @@ def bench_interleaved(paths: list[str | Path], steps: int | None = None, images:
         except RuntimeError as e:
             out[i] = {"bundle": str(paths[i]), "error": str(e)}
             continue
+        finally:
+            worker.stderr.close()
         result["step_ms"] = round(statistics.median(times[i]["step"]), 3) if times[i]["step"] else None
         result["image_ms"] = round(statistics.median(times[i]["image"]), 3) if times[i]["image"] else None
         result["step_ms_rounds"] = [round(t, 3) for t in times[i]["step"]]

@@ -15,8 +15,8 @@ Linear (one batch-2 call, i.e. classifier-free guidance, at `--tokens` image tok
 Linear layers of `--blocks` PixArt blocks chained in order (self-attention q, k, v, out,
 cross-attention q, out, FFN in and out; the cross-attention's k, v read the text tokens, <1%
 of the products, and are left out), each with its own weights, so each call streams its
-weights from memory as the whole model does (a layer timed alone keeps its FP32 weight in
-cache and understates what int8 saves):
+weights from memory as the whole model does (a layer timed alone can keep its weights in
+cache, which the model cannot; measured here, the difference was within the noise):
   fp32         MatMul with constant FP32 weights (MLAS SGEMM, weights pre-packed)
   effgen-u8s8  effgen's ort-cpu form (exporter/qdq.py integer_matmuls): the timestep group's
                scale Gather'ed at run time, QuantizeLinear(uint8, zero point 128) ->
@@ -84,8 +84,7 @@ def linear_models(m: int, dims: list[int], rng, tmp: Path) -> dict:
     """method -> ONNX model of the chain x -> Linear(dims[0], dims[1]) -> Linear(dims[1],
     dims[2]) -> ... for x (1, m, dims[0]), every layer its own weight, as the layers of a
     block stack follow each other: together far larger than the CPU's caches, so each call
-    streams its weights from memory as the whole model does (one layer timed alone keeps
-    its FP32 weight in cache and flatters FP32)."""
+    streams its weights from memory as the whole model does."""
     from onnx import TensorProto, helper, numpy_helper as nh
 
     x_amax = 4.0
