@@ -191,11 +191,13 @@ def cmd_eval(args) -> int:
     from .metrics import evaluate_bundle, write_json
 
     result = evaluate_bundle(args.bundle, reference=args.reference, n_images=args.n_images,
-                             seed=args.seed, threads=args.threads, steps=args.steps)
+                             seed=args.seed, threads=args.threads, steps=args.steps,
+                             guidance=args.guidance)
     shown = {"psnr": "PSNR vs reference (dB)", "ssim": "SSIM vs reference",
              "fd": "Frechet distance vs real", "attr_acc": "shape+colour+position acc",
              "class_acc": "shape+colour acc", "n_images": "images"}
-    print(f"{result['model']} ({args.bundle}), {result['steps']} steps, seed {args.seed}")
+    print(f"{result['model']} ({args.bundle}), {result['steps']} steps, guidance "
+          f"{result['guidance']:g}, seed {args.seed}")
     for key, label in shown.items():
         value = result[key]
         text = "-" if value is None else (f"{value:.4f}" if isinstance(value, float) else str(value))
@@ -620,6 +622,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--n-images", type=int, default=64, help="images generated per bundle")
     e.add_argument("--seed", type=int, default=0, help="image i uses noise seeded SEED+i")
     e.add_argument("--steps", type=int, default=None, help="sampler steps (default: the bundle's)")
+    e.add_argument("--guidance", type=float, default=None,
+                   help="classifier-free guidance scale (default: the bundle's)")
     e.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads (0 = all cores)")
     e.set_defaults(func=cmd_eval)
 

@@ -284,10 +284,10 @@ def _generate(pipe, conditions: dict[str, list], n_images: int, seed: int, steps
 
 def evaluate_bundle(bundle: str | Path, reference: str | Path | None = None, n_images: int = 64,
                     seed: int = 0, threads: int = 0, steps: int | None = None,
-                    progress: bool = True) -> dict[str, Any]:
+                    guidance: float | None = None, progress: bool = True) -> dict[str, Any]:
     """Generate the evaluation set from `bundle` (and, with `reference`, the same images from
     the FP reference bundle: same prompts or labels, same seeds, steps and guidance) and
-    compute every metric.
+    compute every metric. `steps` and `guidance` default to the bundle's sampling settings.
 
     Prompts: `refdata.eval_prompts(n_images)`: captions for text-conditioned bundles
     (pixart), their class ids for class-conditional ones (dit). Returns `evaluate`'s keys
@@ -323,7 +323,7 @@ def evaluate_bundle(bundle: str | Path, reference: str | Path | None = None, n_i
     # Both bundles sample with the evaluated bundle's settings, so only the weights differ.
     sampling = pipe.bundle.manifest["sampling"]
     steps = int(steps or sampling["steps"])
-    guidance = float(sampling["guidance"])
+    guidance = float(sampling["guidance"] if guidance is None else guidance)
     prompts = refdata.eval_prompts(n_images)
     class_ids = [a.class_id for a in prompts]
     if model["family"] == "pixart":

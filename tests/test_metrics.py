@@ -209,9 +209,10 @@ def test_eval_of_a_bundle_against_itself(dit_bundle, tmp_path, capsys):
 
     out = tmp_path / "eval.json"
     rc = main(["eval", str(dit_bundle), "--reference", str(dit_bundle), "--json", str(out),
-               "--n-images", "4", "--steps", "2", "--threads", "1"])
+               "--n-images", "4", "--steps", "2", "--guidance", "1.5", "--threads", "1"])
     assert rc == 0
     result = json.loads(out.read_text())
+    assert result["guidance"] == 1.5  # both bundles sample at the guidance asked for
     assert result["psnr"] == "inf"
     assert result["ssim"] == pytest.approx(1.0)
     assert result["attr_acc"] is None  # class-conditional: no prompt to match positions with
