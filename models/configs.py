@@ -153,13 +153,18 @@ _SPECS = [
     # They predict v, not epsilon: at the first step of a sampler (alpha_bar ~ 4e-5) an
     # epsilon model's x0 estimate divides its error by sqrt(alpha_bar) ~ 0.006, which a small,
     # briefly trained model cannot afford (measured: x0 estimates of +-200 from pure noise).
+    # Guidance: the setting of least fd (samples/guidance_sweep.py, 256 images, 1 to 6);
+    # their accuracy does not depend on it beyond the noise (pixart-ref attr_acc 0.47-0.54,
+    # dit-ref class_acc 0.33-0.38). pixart-ref at 2.0: fd 282, attr_acc 0.54 (at 4.0, the
+    # default until then, 439 and 0.54); dit-ref at 1.5: fd 538, class_acc 0.36 (at 3.0: 1,523
+    # and 0.34). ECAR's accuracy does rise with guidance, so it keeps its fd minimum, 3.0.
     ModelSpec("pixart-ref", "pixart",
               {**_pixart(6, 4, 32, 32, 384), "in_channels": 3, "out_channels": 3, "patch_size": 4},
-              text=MINILM, latent_space=False, guidance=4.0, weights="pixart-ref.safetensors",
+              text=MINILM, latent_space=False, guidance=2.0, weights="pixart-ref.safetensors",
               scheduler=REF_SCHEDULER),
     ModelSpec("dit-ref", "dit",
               {**_dit(6, 4, 32, 32, 20), "in_channels": 3, "out_channels": 3, "patch_size": 4},
-              num_classes=20, latent_space=False, guidance=3.0, weights="dit-ref.safetensors",
+              num_classes=20, latent_space=False, guidance=1.5, weights="dit-ref.safetensors",
               scheduler=REF_SCHEDULER),
 ] + _ecar_specs()
 MODELS: dict[str, ModelSpec] = {s.name: s for s in _SPECS}

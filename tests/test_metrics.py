@@ -271,3 +271,24 @@ def test_accuracy_flips_against_the_reference_pair_images():
     assert c["acc_lost"] >= 4
     assert c["class_acc"] - c_same["class_acc"] == pytest.approx((c["acc_gained"] - c["acc_lost"]) / 24)
     assert evaluate(swapped, attrs=attrs)["acc_lost"] is None  # no reference, no pairing
+
+
+@needs_classifier
+def test_guidance_sweep_scores_each_setting_and_marks_the_default(tmp_path, capsys):
+    """samples/guidance_sweep.py, as the README runs it: one exported bundle, one row per
+    guidance with the spec's default marked, JSON written."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "samples" / "guidance_sweep.py"
+    spec = importlib.util.spec_from_file_location("guidance_sweep", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    default = get_spec("dit-ref").guidance
+    out = tmp_path / "sweep.json"
+    assert module.main(["--json", str(out), "--models", "dit-ref", "--guidance", "1", str(default),
+                        "--n-images", "2", "--threads", "1"]) == 0
+    rows = json.loads(out.read_text())
+    assert [(r["guidance"], r["default"]) for r in rows] == [(1.0, False), (default, True)]
+    assert all(r["n_images"] == 2 and r["fd"] >= 0 and 0 <= r["class_acc"] <= 1 for r in rows)
+    assert f"| dit-ref | {default:g} (default) |" in capsys.readouterr().out
