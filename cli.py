@@ -205,6 +205,12 @@ def cmd_eval(args) -> int:
     if result.get("acc_by_attribute"):
         print(f"  {'acc per attribute':>26}: "
               + ", ".join(f"{k} {v:.2f}" for k, v in result["acc_by_attribute"].items()))
+    if result.get("shape_confusion"):
+        from .models.refdata import SHAPES
+
+        print(f"  {'shapes asked -> read':>26}: " + "; ".join(
+            f"{asked}: " + ", ".join(f"{read} {n}" for read, n in zip(SHAPES, row) if n)
+            for asked, row in zip(SHAPES, result["shape_confusion"])))
     if result.get("acc_lost") is not None:
         print(f"  {'flips vs reference':>26}: {result['acc_lost']} right there and wrong "
               f"here, {result['acc_gained']} the reverse")

@@ -200,6 +200,15 @@ def accuracy_by_attribute(predicted: dict[str, np.ndarray],
     return {k: float((predicted[k] == v).mean()) for k, v in wanted.items()}
 
 
+def shape_confusion(predicted_shape: np.ndarray, wanted_shape: np.ndarray) -> list[list[int]]:
+    """counts[i][j]: images asked for shape i that the classifier reads as shape j (both in
+    refdata.SHAPES order): what a model draws in place of each shape."""
+    k = len(refdata.SHAPES)
+    counts = np.zeros((k, k), np.int64)
+    np.add.at(counts, (np.asarray(wanted_shape), np.asarray(predicted_shape)), 1)
+    return counts.tolist()
+
+
 def evaluate(images: np.ndarray, reference_images: np.ndarray | None = None,
              attrs: Sequence[refdata.Attributes] | None = None,
              class_ids: Sequence[int] | None = None,
@@ -210,6 +219,7 @@ def evaluate(images: np.ndarray, reference_images: np.ndarray | None = None,
     `fd`: Fréchet distance of classifier features against `real_images`;
     `attr_acc`: against `attrs` (text-conditioned models); `class_acc`: against `class_ids`;
     `acc_by_attribute`: each attribute's accuracy (with attrs or class ids);
+    `shape_confusion`: shape asked x shape read, counts (with attrs or class ids);
     `acc_lost`, `acc_gained` (with reference images and attrs or class ids): images the
     reference shows right and these wrong, and the reverse (attributes for text prompts, the
     class otherwise). Accuracies of a quantized model and its FP reference are paired, image
@@ -217,8 +227,8 @@ def evaluate(images: np.ndarray, reference_images: np.ndarray | None = None,
     `n_images`. The mean PSNR is inf when an image equals its reference exactly."""
     images = np.asarray(images)
     result: dict[str, Any] = {"psnr": None, "ssim": None, "fd": None, "attr_acc": None,
-                              "class_acc": None, "acc_by_attribute": None, "acc_lost": None,
-                              "acc_gained": None, "n_images": int(len(images))}
+                              "class_acc": None, "acc_by_attribute": None, "shape_confusion": None,
+                              "acc_lost": None, "acc_gained": None, "n_images": int(len(images))}
     if reference_images is not None:
         result["psnr"] = float(np.mean(psnr(images, reference_images)))
         result["ssim"] = float(np.mean(ssim(images, reference_images)))
@@ -232,13 +242,14 @@ def evaluate(images: np.ndarray, reference_images: np.ndarray | None = None,
         predicted = predict(images)
         if attrs is not None:
             result["attr_acc"] = attribute_accuracy(images, attrs, predicted)
-            result["acc_by_attribute"] = accuracy_by_attribute(predicted, refdata.labels_of(list(attrs)))
+            wanted = refdata.labels_of(list(attrs))
+        else:
+            shape, colour = np.divmod(np.asarray(class_ids, np.int64), len(refdata.COLOURS))
+            wanted = {"shape": shape, "colour": colour}
         if class_ids is not None:
             result["class_acc"] = class_accuracy(images, class_ids, predicted)
-            if attrs is None:
-                shape, colour = np.divmod(np.asarray(class_ids, np.int64), len(refdata.COLOURS))
-                result["acc_by_attribute"] = accuracy_by_attribute(
-                    predicted, {"shape": shape, "colour": colour})
+        result["acc_by_attribute"] = accuracy_by_attribute(predicted, wanted)
+        result["shape_confusion"] = shape_confusion(predicted["shape"], wanted["shape"])
         if reference_images is not None:
             def right(imgs, pred):
                 return (attributes_right(imgs, attrs, pred) if attrs is not None

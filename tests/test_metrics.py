@@ -248,6 +248,16 @@ def test_accuracy_by_attribute_names_what_a_picture_gets_wrong():
     wrong = evaluate(images, attrs=recoloured)
     assert wrong["acc_by_attribute"]["colour"] == 0.0 and wrong["attr_acc"] == 0.0
     assert wrong["acc_by_attribute"]["shape"] == right["acc_by_attribute"]["shape"]
+    # shape asked x shape read: the diagonal holds the images read right, rows the asked counts
+    confusion = np.array(right["shape_confusion"])
+    asked = refdata.labels_of(attrs)["shape"]
+    assert confusion.sum() == 24 and np.trace(confusion) / 24 == right["acc_by_attribute"]["shape"]
+    assert confusion.sum(axis=1).tolist() == np.bincount(asked, minlength=len(refdata.SHAPES)).tolist()
+    squares = refdata.SHAPES.index("square")
+    as_circles = [dataclasses.replace(a, shape="circle") if a.shape == "square" else a for a in attrs]
+    moved = np.array(evaluate(images, attrs=as_circles)["shape_confusion"])
+    circles = refdata.SHAPES.index("circle")
+    assert moved[circles, squares] == confusion[squares, squares]  # asked circle, read square
 
 
 @needs_classifier
