@@ -26,7 +26,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--json", type=Path, required=True, help="write the rows here (updated after each row)")
     p.add_argument("--models", nargs="+", default=["pixart-ref", "dit-ref"])
-    p.add_argument("--guidance", nargs="+", type=float, default=[1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
+    p.add_argument("--guidance", nargs="+", type=float, default=[1.0, 1.5, 2.0, 2.5, 3.0, 4.0, 6.0])
     p.add_argument("--steps", nargs="+", type=int, default=None,
                    help="sampler step counts (default: each model's)")
     p.add_argument("--n-images", type=int, default=256)
