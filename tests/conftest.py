@@ -90,3 +90,19 @@ def perturbed_ecar():
         return model
 
     return make
+
+
+@pytest.fixture(scope="session")
+def sample_script():
+    """Loads a script of samples/ (not a package) as a module, for tests that run its main()
+    as the README does."""
+    import importlib.util
+
+    def load(name: str):
+        path = Path(__file__).resolve().parents[1] / "samples" / f"{name}.py"
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+    return load

@@ -212,7 +212,7 @@ def test_eval_of_a_bundle_against_itself(dit_bundle, tmp_path, capsys):
                "--n-images", "4", "--steps", "2", "--guidance", "1.5", "--threads", "1"])
     assert rc == 0
     result = json.loads(out.read_text())
-    assert result["guidance"] == 1.5  # both bundles sample at the guidance asked for
+    assert result["guidance"] == 1.5  # the guidance asked for, not the bundle's, is used
     assert result["psnr"] == "inf"
     assert result["ssim"] == pytest.approx(1.0)
     assert result["attr_acc"] is None  # class-conditional: no prompt to match positions with
@@ -284,16 +284,10 @@ def test_accuracy_flips_against_the_reference_pair_images():
 
 
 @needs_classifier
-def test_guidance_sweep_scores_each_setting_and_marks_the_default(tmp_path, capsys):
+def test_guidance_sweep_scores_each_setting_and_marks_the_default(tmp_path, capsys, sample_script):
     """samples/guidance_sweep.py, as the README runs it: one exported bundle, one row per
     guidance with the spec's default marked, JSON written."""
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "samples" / "guidance_sweep.py"
-    spec = importlib.util.spec_from_file_location("guidance_sweep", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = sample_script("guidance_sweep")
     default = get_spec("dit-ref").guidance
     out = tmp_path / "sweep.json"
     assert module.main(["--json", str(out), "--models", "dit-ref", "--guidance", "1", str(default),

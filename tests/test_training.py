@@ -102,23 +102,13 @@ def test_min_snr_weight_is_min_snr_gamma_on_the_x0_error_whatever_the_target(v_p
     assert torch.allclose(weighted, expected, rtol=1e-4)
 
 
-def _script(name: str):
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "samples" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.mark.parametrize("script,model", [("train_ecar", "ecar-tiny"), ("train_reference", "dit-ref")])
-def test_training_scripts_resume_from_their_checkpoint_and_count_steps_on(tmp_path, script, model):
+def test_training_scripts_resume_from_their_checkpoint_and_count_steps_on(tmp_path, script, model,
+                                                                         sample_script):
     from safetensors import safe_open
     from safetensors.torch import load_file
 
-    run = _script(script).main
+    run = sample_script(script).main
 
     def train_to(out, steps, *extra):
         run([model, "--steps", str(steps), "--batch", "2", "--data-size", "8", "--threads", "1",
