@@ -154,8 +154,8 @@ _SPECS = [
     # epsilon model's x0 estimate divides its error by sqrt(alpha_bar) ~ 0.006, which a small,
     # briefly trained model cannot afford (measured: x0 estimates of +-200 from pure noise).
     # Guidance: the setting of least fd (samples/guidance_sweep.py, 256 images, 1 to 6);
-    # their accuracy does not depend on it beyond the noise (pixart-ref attr_acc 0.47-0.54,
-    # dit-ref class_acc 0.33-0.38). pixart-ref at 2.0: fd 282, attr_acc 0.54 (at 4.0, the
+    # there the accuracy is as good as anywhere, within the noise (pixart-ref attr_acc 0.51-0.54
+    # from 1.5 to 4, 0.47 at 1 and 6; dit-ref class_acc 0.33-0.38 throughout). pixart-ref at 2.0: fd 282, attr_acc 0.54 (at 4.0, the
     # default until then, 439 and 0.54); dit-ref at 1.5: fd 538, class_acc 0.36 (at 3.0: 1,523
     # and 0.34). ECAR's accuracy does rise with guidance, so it keeps its fd minimum, 3.0.
     ModelSpec("pixart-ref", "pixart",
