@@ -52,19 +52,6 @@ def _progress(total_desc: str):
     return on_step
 
 
-def load_prompt_embeds(path: Path) -> dict[str, np.ndarray]:
-    """`.npy` (the prompt states) or `.safetensors` (named arrays, see DenoisePipeline)."""
-    if not path.is_file():
-        raise FileNotFoundError(f"prompt embeddings file {path} does not exist")
-    if path.suffix == ".npy":
-        return {"prompt_embeds": np.load(path, allow_pickle=False)}
-    if path.suffix == ".safetensors":
-        from safetensors.numpy import load_file
-
-        return load_file(str(path))
-    raise ValueError(f"{path}: prompt embeddings must be a .npy or .safetensors file")
-
-
 def cmd_generate(args) -> int:
     from .runtime import load_pipeline
     from .runtime.images import make_grid, save_png
@@ -76,8 +63,12 @@ def cmd_generate(args) -> int:
         prompts = args.prompt if len(args.prompt) == n else (args.prompt * n)[:n]
         cond = {"prompt": prompts, "negative_prompt": args.negative_prompt}
     elif args.prompt_embeds:
-        n = args.num_images or 1
-        cond = {"prompt_embeds": load_prompt_embeds(args.prompt_embeds)}
+        from .runtime.text import read_text_states
+
+        embeds = read_text_states(args.prompt_embeds)
+        n = args.num_images or (len(embeds["prompt_embeds"])  # one image per row of the file
+                                if np.ndim(embeds.get("prompt_embeds")) == 3 else 1)
+        cond = {"prompt_embeds": embeds}
     elif args.class_label:
         n = args.num_images or len(args.class_label)
         labels = (args.class_label * n)[:n]
@@ -270,7 +261,7 @@ def cmd_calib(args) -> int:
     from .calib.plan import LayerPrecision, read_plan_file
     from .calib.quantizers import describe
     from .calib.scales import write_calibration
-    from .calib.stats import calibration_items
+    from .calib.stats import model_calibration_items
 
     raw = _grouping_override(read_plan_file(args.plan), args)
     if args.threads > 0:
@@ -278,7 +269,7 @@ def cmd_calib(args) -> int:
 
         torch.set_num_threads(args.threads)
     denoiser = _load_model(args.model, args.checkpoint)
-    items = calibration_items(denoiser.spec, args.n_calib, args.prompts)
+    items = model_calibration_items(denoiser, args.n_calib, args.prompts)
     plan, scales = calibrate(denoiser, raw, args.target, items=items, steps=args.steps,
                              guidance=args.guidance, use_cache=not args.no_cache, log=_calib_log)
     plan_path, scales_path = write_calibration(args.out, plan, scales)
@@ -354,7 +345,9 @@ def _add_calib_parsers(sub) -> None:
                    help="target whose effective precision is simulated (default: the plan's)")
     c.add_argument("--n-calib", type=int, default=32, help="calibration prompts/labels")
     c.add_argument("--prompts", type=Path, default=None,
-                   help="calibration prompt file: one caption (or class label) per line "
+                   help="calibration prompts: a text file, one caption (or class label) per "
+                   "line, or a text states file from `effgen encode-prompts` (.safetensors), "
+                   "which a PixArt checkpoint needs: effgen does not run T5 "
                    "(default: refdata.eval_prompts(N, seed=999))")
     c.add_argument("--steps", type=int, default=None, help="sampler steps (default: the model's)")
     c.add_argument("--guidance", type=float, default=None, help="guidance (default: the model's)")
@@ -396,6 +389,7 @@ def cmd_plan(args) -> int:
     from .calib.plan import PlanError, read_plan_file
     from .calib.quantizers import describe
     from .calib.sensitivity import DEFAULT_CONTENT_RULES
+    from .calib.stats import model_calibration_items
     from .runtime.bundle import write_json_atomic
 
     if args.threads > 0:
@@ -413,6 +407,7 @@ def cmd_plan(args) -> int:
     if args.bos_aware is not None:
         techniques["bos_aware"] = args.bos_aware
     denoiser = _load_model(args.model, args.checkpoint)
+    calib_items = model_calibration_items(denoiser, args.n_calib, args.prompts)
     command = "effgen " + shlex.join(args.argv)
     t0 = time.perf_counter()
     plan, sens, result = plan_model(
@@ -420,7 +415,8 @@ def cmd_plan(args) -> int:
         content_weight=args.content_weight, allocator=args.allocator, techniques=techniques,
         target=args.target, per_timestep=args.per_timestep, command=command,
         log=_calib_log, n_prompts=args.n_prompts, steps=args.steps, n_calib=args.n_calib,
-        content_rules=args.content_rule or DEFAULT_CONTENT_RULES, use_cache=not args.no_cache)
+        content_rules=args.content_rule or DEFAULT_CONTENT_RULES, use_cache=not args.no_cache,
+        calib_items=calib_items if args.prompts is not None else None)
     if args.report is not None:
         from .calib.report import write_report
 
@@ -489,6 +485,11 @@ def _add_plan_parser(sub) -> None:
     pl.add_argument("--n-prompts", type=int, default=4, help="prompts of the sensitivity runs")
     pl.add_argument("--steps", type=int, default=8, help="sampler steps of the sensitivity runs")
     pl.add_argument("--n-calib", type=int, default=32, help="calibration prompts for the scales")
+    pl.add_argument("--prompts", type=Path, default=None,
+                    help="calibration prompts: a text file, one caption or class label per line, "
+                    "or a text states file from `effgen encode-prompts` (a PixArt checkpoint "
+                    "needs one); the first --n-prompts of them measure the sensitivities "
+                    "(default: held-out reference prompts)")
     pl.add_argument("--checkpoint", type=Path, default=None, help="local diffusers folder")
     pl.add_argument("--no-cache", action="store_true", help="recompute statistics and sensitivities")
     pl.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
@@ -525,6 +526,69 @@ def cmd_check(args) -> int:
     return 0
 
 
+def cmd_encode_prompts(args) -> int:
+    from .calib.scales import _atomic_write_bytes
+    from .models.configs import get_spec
+    from .models.t5 import encode_prompts
+    from .runtime.text import TEXT_STATES_FORMAT
+
+    spec = get_spec(args.model)
+    if spec.text is None:
+        raise ValueError(f"{spec.name} is class-conditional: it has no text encoder")
+    if spec.text.encoder == "minilm":
+        raise ValueError(f"{spec.name} ships its text encoder: give captions directly "
+                         "(--prompts FILE.txt, --prompt)")
+    if not args.prompts.is_file():
+        raise FileNotFoundError(f"prompt file {args.prompts} does not exist")
+    if args.out.suffix != ".safetensors":
+        raise ValueError(f"--out {args.out}: text states are written as a .safetensors file")
+    prompts = [ln.strip() for ln in args.prompts.read_text().splitlines() if ln.strip()]
+    if not prompts:
+        raise ValueError(f"{args.prompts}: no prompts")
+    if args.threads > 0:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    t0 = time.perf_counter()
+    arrays = encode_prompts(args.checkpoint, prompts, spec.text.max_length, spec.text.dim,
+                            negative_prompt=args.negative_prompt, dtype=args.dtype,
+                            device=args.device)
+    from safetensors.numpy import save_file
+
+    meta = {"format": TEXT_STATES_FORMAT, "model": spec.name, "encoder": spec.text.encoder,
+            "dtype": args.dtype, "prompts": json.dumps(prompts),
+            "negative_prompt": args.negative_prompt}
+    _atomic_write_bytes(args.out, lambda tmp: save_file(arrays, tmp, metadata=meta))
+    n, length, dim = arrays["prompt_embeds"].shape
+    print(f"{n} prompts -> {args.out} ({n} x {length} x {dim} states, {args.dtype} T5, "
+          f"{time.perf_counter() - t0:.0f}s); calibrate with --prompts {args.out}, generate "
+          f"with --prompt-embeds {args.out}")
+    return 0
+
+
+def _add_encode_prompts_parser(sub) -> None:
+    e = sub.add_parser(
+        "encode-prompts", help="T5 text states of prompts, from a PixArt checkpoint's own text encoder",
+        description="Encode prompts with the T5 text encoder in a diffusers PixArt folder "
+        "(text_encoder/ and tokenizer/, read offline with transformers), as diffusers' PixArt "
+        "pipelines do: padded to the model's text length with the attention mask, and the "
+        "negative prompt encoded the same way. The .safetensors file is what calibration takes "
+        "as --prompts (effgen calib, effgen plan, effgen-export --plan) and `effgen generate "
+        "--prompt-embeds` conditions on: effgen does not run T5 itself. T5-XXL's 4.7B "
+        "weights take 9.5 GB in bfloat16.")
+    e.add_argument("model", help="a T5-conditioned model: pixart-alpha-256/512/1024, pixart-sigma-1024")
+    e.add_argument("--checkpoint", type=Path, required=True,
+                   help="local diffusers folder with text_encoder/ and tokenizer/")
+    e.add_argument("--prompts", type=Path, required=True, help="text file, one prompt per line")
+    e.add_argument("--out", type=Path, required=True, help="text states file to write (.safetensors)")
+    e.add_argument("--negative-prompt", default="", help="the unconditional branch's prompt")
+    e.add_argument("--dtype", choices=["bfloat16", "float32", "float16"], default="bfloat16",
+                   help="T5's compute precision (float16 overflows in T5 v1.1; float32 needs ~19 GB)")
+    e.add_argument("--device", default="cpu", help="torch device: cpu, cuda, ...")
+    e.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
+    e.set_defaults(func=cmd_encode_prompts)
+
+
 def _add_check_parser(sub) -> None:
     c = sub.add_parser("check", help="verify a bundle's graphs against a target's quantization rules",
                        description="Check every graph of a bundle against the rules of a target "
@@ -556,8 +620,9 @@ def build_parser() -> argparse.ArgumentParser:
     cond = g.add_mutually_exclusive_group(required=True)
     cond.add_argument("--prompt", action="append", help="text prompt (repeat for several)")
     cond.add_argument("--prompt-embeds", type=Path,
-                      help="precomputed text states: .npy, or .safetensors with prompt_embeds "
-                      "[, prompt_attention_mask, negative_prompt_embeds, ...]")
+                      help="precomputed text states (`effgen encode-prompts`): .safetensors with "
+                      "prompt_embeds [, prompt_attention_mask, negative_prompt_embeds, ...], or "
+                      ".npy; one image per row unless --num-images")
     cond.add_argument("--class-label", type=int, nargs="+", help="class id(s) for class-conditional models")
     g.add_argument("--negative-prompt", default="")
     g.add_argument("--num-images", type=int, default=None,
@@ -645,6 +710,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.set_defaults(func=cmd_plan_memory)
     _add_calib_parsers(sub)
     _add_plan_parser(sub)
+    _add_encode_prompts_parser(sub)
     _add_check_parser(sub)
     return p
 

@@ -342,7 +342,8 @@ def measure_sensitivity(denoiser, techniques: dict[str, Any] | None = None, targ
                         candidates: Sequence[tuple[int, int]] = DEFAULT_CANDIDATES,
                         content_rules: Sequence[str] = DEFAULT_CONTENT_RULES,
                         per_timestep: bool = False, n_prompts: int = 4, steps: int = 8,
-                        guidance: float | None = None, n_calib: int = 32, stats=None,
+                        guidance: float | None = None, n_calib: int = 32,
+                        calib_items: Sequence | None = None, stats=None,
                         use_cache: bool = True, cache: str | Path | None = None,
                         progress: bool = True,
                         log: Callable[[str], None] | None = None) -> Sensitivity:
@@ -350,7 +351,8 @@ def measure_sensitivity(denoiser, techniques: dict[str, Any] | None = None, targ
     quantized alone for `target` with `techniques` (smoothing, act_scale, timestep_grouping,
     ... of a plan), from the cache when seen before. `n_calib` prompts calibrate the scales
     (the statistics `effgen calib` uses and caches); `n_prompts` prompts with `steps` sampler
-    steps measure."""
+    steps measure. `calib_items` (calib.stats.calibration_items of a prompt or text states
+    file) replace the default calibration prompts, and their first `n_prompts` measure."""
     from tqdm import tqdm
 
     from ..runtime.bundle import write_json_atomic
@@ -371,7 +373,8 @@ def measure_sensitivity(denoiser, techniques: dict[str, Any] | None = None, targ
         raise SensitivityError(f"{spec.name} has no layers to allocate precisions for")
     family = layer_families(layers, content_rules)
     guidance = float(spec.guidance if guidance is None else guidance)
-    items = calibration_items(spec, n_prompts)
+    items = (list(calib_items[:n_prompts]) if calib_items is not None
+             else calibration_items(spec, n_prompts))
     pixel_images = (not spec.latent_space and spec.in_channels == 3
                     and spec.sample_size >= SSIM_MIN_SIDE)
     content_metric = "ssim" if pixel_images else "final_sqnr"
@@ -383,6 +386,8 @@ def measure_sensitivity(denoiser, techniques: dict[str, Any] | None = None, targ
            "stats": None if stats is None else stats.meta.get("key"),
            # GPTQ's codes (weight_rounding) come from Hessians of this format
            "hessians": HESSIAN_FORMAT}
+    if calib_items is not None:
+        doc["calibration_items"] = list(calib_items)
     key = sensitivity_key(doc)
     path = Path(cache or cache_dir()) / "sensitivity" / f"{spec.name}-{key[:24]}.json"
     cached = read_cache(path, lambda f: Sensitivity.from_json(json.loads(f.read_text())),
@@ -391,8 +396,8 @@ def measure_sensitivity(denoiser, techniques: dict[str, Any] | None = None, targ
         return cached
 
     if stats is None:
-        stats = collect_statistics(denoiser, n_calib=n_calib, use_cache=use_cache, cache=cache,
-                                   progress=progress, log=log)
+        stats = collect_statistics(denoiser, items=calib_items, n_calib=n_calib, use_cache=use_cache,
+                                   cache=cache, progress=progress, log=log)
     # One calibration per candidate: every allocatable layer at that precision, so each
     # layer gets exactly the scales (smoothing, weight scales, activation amax per group)
     # it would get in a plan that chooses this candidate for it.
@@ -401,8 +406,9 @@ def measure_sensitivity(denoiser, techniques: dict[str, Any] | None = None, targ
         raw = {"format": FORMAT, "model": spec.name, "target": target, "techniques": techniques,
                "layers": {n: p.to_json() for n in layers}}
         # n_calib and the cache also serve GPTQ's Hessians (one sampler pass for all candidates)
-        calibrated.append(calibrate(denoiser, raw, target, stats=stats, n_calib=n_calib,
-                                    use_cache=use_cache, cache=cache, progress=False))
+        calibrated.append(calibrate(denoiser, raw, target, stats=stats, items=calib_items,
+                                    n_calib=n_calib, use_cache=use_cache, cache=cache,
+                                    progress=False))
     groups = calibrated[0][0].timestep_groups
     modules = quantizable_modules(denoiser)
     effective = {n: [LayerPrecision(**plan.provenance["effective"][n]) for plan, _ in calibrated]

@@ -72,18 +72,60 @@ def weights_hash(module: torch.nn.Module) -> str:
 # --- calibration data --------------------------------------------------------------------
 
 
+@dataclasses.dataclass(eq=False)
+class TextStates:
+    """One calibration condition given as precomputed text-encoder states: a row of a text
+    states file (runtime.text; `effgen encode-prompts` writes them from a PixArt checkpoint's
+    own T5). `key` (the file's sha256 and the row) stands for it in cache keys."""
+
+    states: np.ndarray  # (L, D)
+    mask: np.ndarray  # (L,)
+    negative_states: np.ndarray  # (L, D): the unconditional branch
+    negative_mask: np.ndarray  # (L,)
+    key: str
+
+    def __str__(self) -> str:
+        return f"text-states:{self.key}"
+
+
+STATES_SUFFIXES = (".safetensors", ".npy")
+
+
+def text_states_items(spec: ModelSpec, path: str | Path, n: int | None = None) -> list[TextStates]:
+    """The first `n` rows (all with n None or 0) of a text states file, checked against the
+    model's text length and width."""
+    from ..runtime.text import read_text_states, text_state_rows
+
+    path = Path(path)
+    if spec.text is None:
+        raise ValueError(f"{path}: {spec.name} is class-conditional; text states condition "
+                         "text models (give class labels, one per line, in a .txt file)")
+    try:
+        cond, cmask, unc, umask = text_state_rows(read_text_states(path), spec.text.max_length,
+                                                  spec.text.dim)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    k = min(n, len(cond)) if n else len(cond)
+    return [TextStates(cond[i].copy(), cmask[i].copy(), unc[i].copy(), umask[i].copy(),
+                       f"{digest}:{i}") for i in range(k)]
+
+
 def calibration_items(spec: ModelSpec, n: int, prompt_file: str | Path | None = None,
                       seed: int = CALIB_SEED) -> list:
-    """Captions (text-conditioned models) or class labels (class-conditional ones).
+    """Captions (text-conditioned models) or class labels (class-conditional ones), or
+    TextStates from a text states file (.safetensors / .npy).
 
     Default: `refdata.eval_prompts(n, seed=999)`, a held-out set drawn with another seed than
     evaluation. A prompt file has one caption (or, for a class-conditional model, one
-    integer label) per line; the first `n` lines are used."""
+    integer label) per line; the first `n` lines (rows of a states file) are used."""
     class_conditional = spec.family in ("dit", "ecar")
     if prompt_file is not None:
         path = Path(prompt_file)
         if not path.is_file():
             raise FileNotFoundError(f"calibration prompt file {path} does not exist")
+        if path.suffix in STATES_SUFFIXES:
+            return text_states_items(spec, path, n)
         lines = [ln.strip() for ln in path.read_text().splitlines() if ln.strip()]
         if not lines:
             raise ValueError(f"{path}: no prompts")
@@ -105,6 +147,22 @@ def calibration_items(spec: ModelSpec, n: int, prompt_file: str | Path | None = 
     return [a.caption for a in attrs]
 
 
+def model_calibration_items(model, n: int, prompt_file: str | Path | None = None) -> list:
+    """`calibration_items` for a loaded model, refusing captions where they would become
+    random states: a checkpoint's trained weights, conditioned by a text encoder effgen does
+    not run (T5), are calibrated on that encoder's real states or not at all."""
+    spec = model.spec
+    items = calibration_items(spec, n, prompt_file)
+    if (getattr(model, "checkpoint", None) is not None and spec.text is not None
+            and spec.text.encoder != "minilm" and not all(isinstance(x, TextStates) for x in items)):
+        raise ValueError(f"{spec.name} from {model.checkpoint} is conditioned by {spec.text.encoder} "
+                         "states, which effgen does not compute: write them for your calibration "
+                         f"prompts with `effgen encode-prompts {spec.name} --checkpoint "
+                         f"{model.checkpoint} --prompts PROMPTS.txt --out STATES.safetensors` and "
+                         "pass --prompts STATES.safetensors")
+    return items
+
+
 def _seeded_states(text: str, length: int, dim: int) -> torch.Tensor:
     seed = int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little")
     return torch.randn(length, dim, generator=torch.Generator().manual_seed(seed))
@@ -115,14 +173,24 @@ def encode_conditions(spec: ModelSpec, items: Sequence) -> tuple[torch.Tensor, t
     """(cond, uncond, cond_mask, uncond_mask) for `sample()`, with the runtime's conventions:
     class label `num_classes` is "no class"; the unconditional text is the empty prompt.
 
-    Text models whose encoder effgen does not ship (T5: the tiny and real PixArt
-    architectures) get seeded Gaussian states per caption and zero states behind one valid
-    token for the unconditional branch (the runtime's convention without a negative prompt);
-    that is only meaningful for random-weight test models."""
+    TextStates items give their states as they are. Captions for text models whose encoder
+    effgen does not ship (T5: the tiny and real PixArt architectures) get seeded Gaussian
+    states per caption and zero states behind one valid token for the unconditional branch
+    (the runtime's convention without a negative prompt); that is only meaningful for
+    random-weight test models (model_calibration_items refuses it for a checkpoint)."""
     n = len(items)
     if spec.family == "dit":
         cond = torch.tensor([int(x) for x in items], dtype=torch.long)
         return cond, torch.full((n,), spec.num_classes, dtype=torch.long), None, None
+    states = [x for x in items if isinstance(x, TextStates)]
+    if states:
+        if len(states) != n:
+            raise ValueError("calibration items mix captions and text states")
+
+        def stack(field):
+            return torch.from_numpy(np.stack([getattr(x, field) for x in states])).float()
+
+        return stack("states"), stack("negative_states"), stack("mask"), stack("negative_mask")
     if spec.text.encoder == "minilm":
         from ..models.text_encoder import encode
 

@@ -43,6 +43,11 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--target", choices=["trt", "trt-orin", "ort-cpu"], default=None,
                    help="what the graphs are lowered for (default: the plan's target)")
     q.add_argument("--n-calib", type=int, default=32, help="calibration prompts/labels (with --plan)")
+    q.add_argument("--prompts", type=Path, default=None,
+                   help="calibration prompts (with --plan): a text file, one caption or class label "
+                   "per line, or a text states file from `effgen encode-prompts` (.safetensors), "
+                   "which a PixArt checkpoint needs (effgen does not run T5); default: held-out "
+                   "reference prompts")
     q.add_argument("--calib-steps", type=int, default=None,
                    help="sampler steps of the calibration runs (default: the model's)")
     return p
@@ -61,7 +66,8 @@ def main(argv=None) -> int:
     quantize = None
     if args.plan is not None or args.scales is not None:
         quantize = {"plan": args.plan, "scales_dir": args.scales, "target": args.target,
-                    "n_calib": args.n_calib, "calib_steps": args.calib_steps}
+                    "n_calib": args.n_calib, "calib_steps": args.calib_steps,
+                    "prompts": args.prompts}
     elif args.target is not None:
         raise ValueError("--target needs --plan or --scales (a quantized export)")
     t0 = time.perf_counter()

@@ -209,7 +209,7 @@ def export_ecar_bundle(model: str, out: Path, batch: int = 2, ecar: ECAR | None 
                        log: Callable[[str], None] = print, quantize: dict | None = None) -> Path:
     """Export the ECAR spec `model` (or the given `ecar` module, e.g. a test's tiny one, named
     `model`) into the bundle directory `out` (replaced if it exists). `quantize`: keyword
-    arguments of `quantized.prepare_quantization` (plan, scales_dir, target, n_calib): both
+    arguments of `quantized.prepare_quantization` (plan, scales_dir, target, n_calib, ...): both
     components are lowered, every stage graph with its stage group's activation scales, and
     plan.json + scales.safetensors go into the bundle."""
     from .export import _replace_dir, _version

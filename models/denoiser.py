@@ -36,6 +36,7 @@ class Denoiser(torch.nn.Module):
         super().__init__()
         self.spec = spec
         self.transformer = transformer
+        self.checkpoint: Path | None = None  # the local diffusers folder the weights came from
 
     @property
     def input_names(self) -> tuple[str, ...]:
@@ -103,7 +104,9 @@ def load_denoiser(name: str, checkpoint: str | Path | None = None, seed: int = 0
         # The checkpoint's own config is the truth about its architecture.
         config = {k: v for k, v in transformer.config.items() if not k.startswith("_")}
         spec = dataclasses.replace(spec, transformer=config, weights=None)
-        return Denoiser(spec, transformer.float()).eval()
+        model = Denoiser(spec, transformer.float()).eval()
+        model.checkpoint = Path(checkpoint)
+        return model
     model = build_denoiser(spec, seed)
     if spec.weights is not None:
         path = WEIGHTS_DIR / spec.weights

@@ -101,34 +101,13 @@ class DenoisePipeline:
         raise ValueError("this is a text-conditioned bundle: give a prompt or prompt embeddings")
 
     def _from_embeddings(self, e: dict[str, np.ndarray], n: int) -> Conditioning:
-        """Precomputed text states: `prompt_embeds` (L, D) or (1, L, D) or (n, L, D), optional
-        `prompt_attention_mask`, `negative_prompt_embeds`, `negative_prompt_attention_mask`.
-        Without a negative, the unconditional branch sees zero states behind one valid token."""
+        """Precomputed text states (runtime.text.text_state_rows): `prompt_embeds` (L, D) or
+        (1, L, D) or (n, L, D), optional `prompt_attention_mask`, `negative_prompt_embeds`,
+        `negative_prompt_attention_mask`."""
+        from .text import text_state_rows
+
         text = self.model["text"]
-        states_shape, mask_shape = (text["max_length"], text["dim"]), (text["max_length"],)
-
-        def rows(name, shape, default=None):
-            if name not in e:
-                return default
-            x = np.asarray(e[name], np.float32)
-            x = x[None] if x.ndim == len(shape) else x
-            if x.shape[1:] != shape or len(x) not in (1, n):
-                raise ValueError(f"{name} must have shape {shape} or (N, {', '.join(map(str, shape))}) "
-                                 f"with N = 1 or {n} for this bundle, got {tuple(x.shape)}")
-            return np.broadcast_to(x, (n, *shape))
-
-        cond = rows("prompt_embeds", states_shape)
-        if cond is None:
-            raise ValueError("prompt embeddings file has no 'prompt_embeds' array")
-        cmask = rows("prompt_attention_mask", mask_shape, np.ones((n, *mask_shape), np.float32))
-        unc = rows("negative_prompt_embeds", states_shape)
-        if unc is not None:
-            umask = rows("negative_prompt_attention_mask", mask_shape,
-                         np.ones((n, *mask_shape), np.float32))
-        else:
-            unc = np.zeros_like(cond)
-            umask = np.zeros((n, *mask_shape), np.float32)
-            umask[:, 0] = 1
+        cond, cmask, unc, umask = text_state_rows(e, text["max_length"], text["dim"], n)
         return Conditioning({"encoder_hidden_states": cond, "encoder_attention_mask": cmask},
                             {"encoder_hidden_states": unc, "encoder_attention_mask": umask})
 

@@ -1,0 +1,153 @@
+"""Precomputed T5 text states: `effgen encode-prompts` from a checkpoint's own text encoder,
+calibration on them (`--prompts STATES.safetensors`), generation from them, and the refusal
+to calibrate a T5-conditioned checkpoint on anything else.
+
+The checkpoint is a tiny diffusers PixArt folder with a real (tiny, random) transformers T5
+encoder and a `tokenizers` tokenizer saved through transformers, as the real one's folders are
+laid out; pixart-tiny reads 8 tokens of 32-wide states."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from effgen.cli import main as effgen
+from effgen.exporter.cli import main as effgen_export
+
+PROMPTS = ["a red circle", "a small blue square at the top", "green star"]
+WORDS = ["a", "red", "circle", "small", "blue", "square", "at", "the", "top", "green", "star"]
+W8A8 = "samples/plans/w8a8.json"
+
+
+@pytest.fixture(scope="module")
+def t5_checkpoint(tmp_path_factory, tiny_checkpoints):
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast, T5Config, T5EncoderModel
+
+    root = tmp_path_factory.mktemp("pixart-t5") / "checkpoint"
+    shutil.copytree(tiny_checkpoints["pixart-tiny"], root)
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{w: i + 3 for i, w in enumerate(WORDS)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>",
+                            unk_token="<unk>").save_pretrained(root / "tokenizer")
+    torch.manual_seed(3)
+    T5EncoderModel(T5Config(vocab_size=len(vocab), d_model=32, d_kv=8, d_ff=64, num_layers=2,
+                            num_heads=4)).save_pretrained(root / "text_encoder")
+    return root
+
+
+@pytest.fixture(scope="module")
+def states_file(t5_checkpoint, tmp_path_factory):
+    d = tmp_path_factory.mktemp("states")
+    (d / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
+    out = d / "states.safetensors"
+    assert effgen(["encode-prompts", "pixart-tiny", "--checkpoint", str(t5_checkpoint), "--prompts",
+                   str(d / "prompts.txt"), "--out", str(out), "--dtype", "float32"]) == 0
+    return out
+
+
+def test_encode_prompts_writes_t5_states_as_diffusers_computes_them(t5_checkpoint, states_file):
+    from safetensors import safe_open
+    from safetensors.numpy import load_file
+    from transformers import AutoTokenizer, T5EncoderModel
+
+    arrays = load_file(str(states_file))
+    assert arrays["prompt_embeds"].shape == (3, 8, 32)
+    assert arrays["negative_prompt_embeds"].shape == (1, 8, 32)
+    # "a small blue square at the top" is 7 words + </s>; "green star" 2 + </s>; "" only </s>.
+    assert arrays["prompt_attention_mask"].sum(axis=1).tolist() == [4, 8, 3]
+    assert arrays["negative_prompt_attention_mask"].sum() == 1
+    tokenizer = AutoTokenizer.from_pretrained(t5_checkpoint / "tokenizer")
+    encoder = T5EncoderModel.from_pretrained(t5_checkpoint / "text_encoder").eval()
+    tok = tokenizer(PROMPTS, padding="max_length", max_length=8, truncation=True, return_tensors="pt")
+    with torch.no_grad():
+        want = encoder(tok.input_ids, attention_mask=tok.attention_mask)[0].numpy()
+    np.testing.assert_allclose(arrays["prompt_embeds"], want, rtol=1e-5, atol=1e-5)
+    with safe_open(str(states_file), "np") as f:
+        meta = f.metadata()
+    assert meta["format"] == "effgen.text_states/1" and meta["model"] == "pixart-tiny"
+    assert "green star" in meta["prompts"]
+
+
+def test_calibration_sees_exactly_the_states_of_the_file(t5_checkpoint, states_file):
+    """The caption projection's first Linear reads the text states as they are, so its
+    per-channel input absmax over the calibration sampler is the file's (conditional and
+    negative rows), not random states'."""
+    from safetensors.numpy import load_file
+
+    from effgen.calib.stats import collect_statistics, model_calibration_items
+    from effgen.models.denoiser import load_denoiser
+
+    model = load_denoiser("pixart-tiny", t5_checkpoint)
+    items = model_calibration_items(model, 2, states_file)
+    assert len(items) == 2
+    stats = collect_statistics(model, items=items, use_cache=False, progress=False)
+    arrays = load_file(str(states_file))
+    seen = np.concatenate([arrays["prompt_embeds"][:2], arrays["negative_prompt_embeds"]])
+    want = np.abs(seen).max(axis=(0, 1))
+    got = stats.absmax["transformer.caption_projection.linear_1"].numpy()
+    np.testing.assert_allclose(got, np.broadcast_to(want, got.shape), rtol=1e-6)
+
+
+def test_calib_and_export_on_states_then_generate_from_them(t5_checkpoint, states_file, tmp_path):
+    calib_dir, bundle = tmp_path / "calib", tmp_path / "bundle"
+    assert effgen(["calib", "pixart-tiny", "--checkpoint", str(t5_checkpoint), "--plan", W8A8,
+                   "--prompts", str(states_file), "--out", str(calib_dir), "--no-cache"]) == 0
+    assert (calib_dir / "scales.safetensors").is_file()
+    assert effgen_export(["pixart-tiny", "--checkpoint", str(t5_checkpoint), "--plan", W8A8,
+                          "--target", "ort-cpu", "--prompts", str(states_file), "--n-calib", "2",
+                          "--out", str(bundle)]) == 0
+    out = tmp_path / "images"
+    assert effgen(["generate", str(bundle), "--prompt-embeds", str(states_file), "--steps", "2",
+                   "--out", str(out)]) == 0
+    assert sorted(p.name for p in out.glob("0*.png")) == ["000.png", "001.png", "002.png"]
+
+
+@pytest.mark.parametrize("prompts", [None, "captions.txt"])
+def test_t5_checkpoint_is_not_calibrated_on_random_states(t5_checkpoint, tmp_path, capsys, prompts):
+    args = ["calib", "pixart-tiny", "--checkpoint", str(t5_checkpoint), "--plan", W8A8,
+            "--out", str(tmp_path / "calib")]
+    if prompts:
+        (tmp_path / prompts).write_text("a red circle\n")
+        args += ["--prompts", str(tmp_path / prompts)]
+    assert effgen(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "effgen encode-prompts pixart-tiny" in err
+    assert not (tmp_path / "calib").exists()
+    assert effgen_export(["pixart-tiny", "--checkpoint", str(t5_checkpoint), "--plan", W8A8,
+                          "--out", str(tmp_path / "bundle")] + args[len(args) - 2:] * bool(prompts)) == 2
+    assert "encode-prompts" in capsys.readouterr().err
+    assert not (tmp_path / "bundle").exists()
+
+
+def test_bad_states_files_give_one_line_errors(t5_checkpoint, states_file, tmp_path, capsys):
+    from safetensors.numpy import load_file, save_file
+
+    arrays = load_file(str(states_file))
+    wide = tmp_path / "wide.safetensors"
+    save_file({"prompt_embeds": np.zeros((2, 8, 48), np.float32)}, str(wide))
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(states_file.read_bytes()[:200])
+    nan = tmp_path / "nan.safetensors"
+    save_file({**arrays, "prompt_embeds": np.full_like(arrays["prompt_embeds"], np.nan)}, str(nan))
+    for path, words in [(wide, "(8, 32)"), (cut, "not a readable text states file"),
+                        (nan, "NaN"), (tmp_path / "missing.safetensors", "does not exist")]:
+        assert effgen(["calib", "pixart-tiny", "--checkpoint", str(t5_checkpoint), "--plan", W8A8,
+                       "--prompts", str(path), "--out", str(tmp_path / "calib")]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and words in err, err
+    assert effgen(["calib", "dit-tiny", "--plan", W8A8, "--prompts", str(states_file),
+                   "--out", str(tmp_path / "calib")]) == 2
+    assert "class-conditional" in capsys.readouterr().err
+    no_encoder = tmp_path / "no-encoder"
+    shutil.copytree(t5_checkpoint / "transformer", no_encoder / "transformer")
+    (tmp_path / "p.txt").write_text("a red circle\n")
+    assert effgen(["encode-prompts", "pixart-tiny", "--checkpoint", str(no_encoder), "--prompts",
+                   str(tmp_path / "p.txt"), "--out", str(tmp_path / "s.safetensors")]) == 2
+    assert "no text_encoder/ folder" in capsys.readouterr().err
+    assert not (tmp_path / "s.safetensors").exists()
