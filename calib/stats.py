@@ -117,7 +117,8 @@ def calibration_items(spec: ModelSpec, n: int, prompt_file: str | Path | None = 
     TextStates from a text states file (.safetensors / .npy).
 
     Default: `refdata.eval_prompts(n, seed=999)`, a held-out set drawn with another seed than
-    evaluation. A prompt file has one caption (or, for a class-conditional model, one
+    evaluation (its captions, or its class ids for the reference models; other class-conditional
+    models get `n` distinct classes drawn with the seed). A prompt file has one caption (or, for a class-conditional model, one
     integer label) per line; the first `n` lines (rows of a states file) are used."""
     class_conditional = spec.family in ("dit", "ecar")
     if prompt_file is not None:
@@ -141,9 +142,14 @@ def calibration_items(spec: ModelSpec, n: int, prompt_file: str | Path | None = 
                 raise ValueError(f"{path}: class label {bad[0]} is not in 0..{spec.num_classes - 1}")
             return labels
         return lines
+    if class_conditional and spec.num_classes != refdata.NUM_CLASSES:
+        # Not a reference model (DiT-XL's 1000 ImageNet classes): as many distinct classes as
+        # there are items, drawn with the seed, rather than the reference data's 20.
+        order = np.random.default_rng(seed).permutation(spec.num_classes)
+        return [int(order[i % spec.num_classes]) for i in range(n)]
     attrs = refdata.eval_prompts(n, seed=seed)
     if class_conditional:
-        return [a.class_id % spec.num_classes for a in attrs]
+        return [a.class_id for a in attrs]
     return [a.caption for a in attrs]
 
 

@@ -1,6 +1,7 @@
-"""Precomputed T5 text states: `effgen encode-prompts` from a checkpoint's own text encoder,
-calibration on them (`--prompts STATES.safetensors`), generation from them, and the refusal
-to calibrate a T5-conditioned checkpoint on anything else.
+"""What calibration runs on: the default held-out items, prompt files, and precomputed T5 text
+states (`effgen encode-prompts` from a checkpoint's own text encoder, calibration on them with
+`--prompts STATES.safetensors`, generation from them, and the refusal to calibrate a
+T5-conditioned checkpoint on anything else).
 
 The checkpoint is a tiny diffusers PixArt folder with a real (tiny, random) transformers T5
 encoder and a `tokenizers` tokenizer saved through transformers, as the real one's folders are
@@ -20,6 +21,37 @@ from effgen.exporter.cli import main as effgen_export
 PROMPTS = ["a red circle", "a small blue square at the top", "green star"]
 WORDS = ["a", "red", "circle", "small", "blue", "square", "at", "the", "top", "green", "star"]
 W8A8 = "samples/plans/w8a8.json"
+
+
+def test_default_items_cover_the_model_conditions():
+    from effgen.calib.stats import calibration_items
+    from effgen.models import refdata
+    from effgen.models.configs import get_spec
+
+    attrs = refdata.eval_prompts(32, seed=999)
+    assert calibration_items(get_spec("pixart-ref"), 32) == [a.caption for a in attrs]
+    assert calibration_items(get_spec("dit-ref"), 32) == [a.class_id for a in attrs]
+    # A real DiT: 32 distinct ImageNet classes, the same every time; not the reference's 0..19.
+    labels = calibration_items(get_spec("dit-xl-2-256"), 32)
+    assert len(set(labels)) == 32 and all(0 <= x < 1000 for x in labels)
+    assert max(labels) >= 20 and labels == calibration_items(get_spec("dit-xl-2-256"), 32)
+    assert sorted(calibration_items(get_spec("dit-tiny"), 12)[:10]) == list(range(10))
+
+
+def test_prompt_files(tmp_path):
+    from effgen.calib.stats import calibration_items
+    from effgen.models.configs import get_spec
+
+    captions = tmp_path / "captions.txt"
+    captions.write_text("a red circle\n\n  a blue star  \na green square\n")
+    assert calibration_items(get_spec("pixart-ref"), 2, captions) == ["a red circle", "a blue star"]
+    labels = tmp_path / "labels.txt"
+    labels.write_text("3\n19\n")
+    assert calibration_items(get_spec("dit-ref"), 32, labels) == [3, 19]
+    for text, words in [("20\n", "class label 20 is not in 0..19"), ("a red circle\n", "integer class label")]:
+        labels.write_text(text)
+        with pytest.raises(ValueError, match=words):
+            calibration_items(get_spec("dit-ref"), 32, labels)
 
 
 @pytest.fixture(scope="module")
