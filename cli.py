@@ -348,7 +348,8 @@ def _add_calib_parsers(sub) -> None:
                    help="calibration prompts: a text file, one caption (or class label) per "
                    "line, or a text states file from `effgen encode-prompts` (.safetensors), "
                    "which a PixArt checkpoint needs: effgen does not run T5 "
-                   "(default: refdata.eval_prompts(N, seed=999))")
+                   "(default: refdata.eval_prompts(N, seed=999); N distinct seeded classes for "
+                   "a DiT with other classes than the reference data's)")
     c.add_argument("--steps", type=int, default=None, help="sampler steps (default: the model's)")
     c.add_argument("--guidance", type=float, default=None, help="guidance (default: the model's)")
     c.add_argument("--groups", type=int, default=None, help="K equal timestep groups (overrides the plan)")
