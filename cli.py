@@ -271,7 +271,8 @@ def cmd_calib(args) -> int:
     denoiser = _load_model(args.model, args.checkpoint)
     items = model_calibration_items(denoiser, args.n_calib, args.prompts)
     plan, scales = calibrate(denoiser, raw, args.target, items=items, steps=args.steps,
-                             guidance=args.guidance, use_cache=not args.no_cache, log=_calib_log)
+                             guidance=args.guidance, use_cache=not args.no_cache, log=_calib_log,
+                             device=args.device)
     plan_path, scales_path = write_calibration(args.out, plan, scales)
     counts: dict = {}
     for name, prec in plan.layers.items():
@@ -358,6 +359,8 @@ def _add_calib_parsers(sub) -> None:
     c.add_argument("--checkpoint", type=Path, default=None, help="local diffusers folder")
     c.add_argument("--no-cache", action="store_true", help="recompute the statistics")
     c.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
+    c.add_argument("--device", default=None, help="torch device of the FP sampler passes "
+                   "(statistics, GPTQ Hessians): cuda for a real-size model; the rest runs on the CPU")
     c.set_defaults(func=cmd_calib)
 
     s = sub.add_parser("sample-sim", help="sample images with a quantization-simulated PyTorch model",
@@ -417,7 +420,7 @@ def cmd_plan(args) -> int:
         target=args.target, per_timestep=args.per_timestep, command=command,
         log=_calib_log, n_prompts=args.n_prompts, steps=args.steps, n_calib=args.n_calib,
         content_rules=args.content_rule or DEFAULT_CONTENT_RULES, use_cache=not args.no_cache,
-        calib_items=calib_items if args.prompts is not None else None)
+        calib_items=calib_items if args.prompts is not None else None, device=args.device)
     if args.report is not None:
         from .calib.report import write_report
 
@@ -493,6 +496,8 @@ def _add_plan_parser(sub) -> None:
                     "(default: held-out reference prompts)")
     pl.add_argument("--checkpoint", type=Path, default=None, help="local diffusers folder")
     pl.add_argument("--no-cache", action="store_true", help="recompute statistics and sensitivities")
+    pl.add_argument("--device", default=None, help="torch device of the calibration sampler passes "
+                    "(statistics, GPTQ Hessians); the sensitivity measurements run on the CPU")
     pl.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
     pl.set_defaults(func=cmd_plan)
 

@@ -238,9 +238,12 @@ def calibrate(denoiser, plan_raw: dict[str, Any], target: str | None = None, *,
               stats: Statistics | None = None, items: Sequence | None = None, n_calib: int = 32,
               steps: int | None = None, guidance: float | None = None,
               use_cache: bool = True, cache=None, progress: bool = True,
-              log: Callable[[str], None] | None = None) -> tuple[Plan, dict[str, torch.Tensor]]:
+              log: Callable[[str], None] | None = None,
+              device: str | None = None) -> tuple[Plan, dict[str, torch.Tensor]]:
     """Resolve `plan_raw` for `denoiser`, calibrate it for `target` (default: the plan's) and
     return the resolved plan (timestep groups, provenance.effective, ...) and its scales.
+    The FP sampler passes (statistics, GPTQ Hessians) run on the torch `device`, the rest on
+    the CPU.
     `denoiser` may be an ECAR model from `load_ecar` too: its stages are the timesteps, so its
     timestep groups are stage groups (both components, `ar.*` and `head.*`, in one plan)."""
     plan = resolve_for_model(denoiser, plan_raw, target)
@@ -252,7 +255,7 @@ def calibrate(denoiser, plan_raw: dict[str, Any], target: str | None = None, *,
     if stats is None:
         stats = collect_statistics(denoiser, items=items, n_calib=n_calib, steps=steps,
                                    guidance=guidance, use_cache=use_cache, cache=cache,
-                                   progress=progress, log=log)
+                                   progress=progress, log=log, device=device)
     missing = [n for n, e in effective.items() if not e.is_fp and n not in stats.absmax]
     if missing:
         raise ValueError(f"no statistics for {missing[0]} (the FP sampler did not run it at "
@@ -288,7 +291,7 @@ def calibrate(denoiser, plan_raw: dict[str, Any], target: str | None = None, *,
         if gptq_layers:
             hessians = collect_hessians(denoiser, gptq_layers, items=items, n_calib=n_calib,
                                         steps=steps, guidance=guidance, use_cache=use_cache,
-                                        cache=cache, progress=progress, log=log)
+                                        cache=cache, progress=progress, log=log, device=device)
     scales: dict[str, torch.Tensor] = {}
     for name, eff in sorted(effective.items()):
         if eff.is_fp:

@@ -23,7 +23,7 @@ from typing import Callable, Sequence
 import torch
 
 from .quantizers import qmax
-from .stats import (CALIB_SEED, cache_dir, calibration_items, read_cache, run_sampler,
+from .stats import (CALIB_SEED, cache_dir, calibration_items, on_device, read_cache, run_sampler,
                     sampler_config, weights_hash)
 
 HESSIAN_FORMAT = "effgen.hessians/2"  # /2: float32 (was float64)
@@ -99,8 +99,8 @@ class _HessianHooks:
         # float32, as GPTQ's reference keeps H: the x^T x products are half the arithmetic of
         # float64 (on a 600M-parameter PixArt they cost more than the forward passes) and the
         # cache half the disk; gptq_codes factors H in float64.
-        self.H = {n: torch.zeros(m.in_features, m.in_features, dtype=torch.float32)
-                  for n, m in modules.items()}
+        self.H = {n: torch.zeros(m.in_features, m.in_features, dtype=torch.float32,
+                                 device=m.weight.device) for n, m in modules.items()}
         self.rows = {n: 0 for n in modules}
         self.handles = []
 
@@ -125,9 +125,11 @@ def collect_hessians(model, layers: Sequence[str], items: Sequence | None = None
                      n_calib: int = 32, steps: int | None = None, guidance: float | None = None,
                      seed: int = CALIB_SEED, use_cache: bool = True,
                      cache: str | Path | None = None, progress: bool = True,
-                     log: Callable[[str], None] | None = None) -> dict[str, torch.Tensor]:
+                     log: Callable[[str], None] | None = None,
+                     device: str | None = None) -> dict[str, torch.Tensor]:
     """H = sum x x^T / rows of every Linear in `layers` over the FP sampler (all steps or
-    stages, both CFG halves), float32, cached by model, data, sampler and layers."""
+    stages, both CFG halves), float32 on the CPU, cached by model, data, sampler and layers;
+    the sampler and the products run on the torch `device` (default: where the model is)."""
     from safetensors.torch import load_file, save_file
 
     from .scales import _atomic_write_bytes
@@ -149,10 +151,10 @@ def collect_hessians(model, layers: Sequence[str], items: Sequence | None = None
     cached = read_cache(path, load_file, "Hessians", use_cache, log)
     if cached is not None:
         return cached
-    with _HessianHooks(modules) as hooks:
+    with on_device(model, device), _HessianHooks(modules) as hooks:
         run_sampler(model, items, sampler, seed, lambda i: None,
                     f"GPTQ Hessians ({spec.name})", progress)
-    out = {n: (hooks.H[n] / max(1, hooks.rows[n])).contiguous() for n in modules}
+    out = {n: (hooks.H[n] / max(1, hooks.rows[n])).cpu().contiguous() for n in modules}
     if use_cache:
         _atomic_write_bytes(path, lambda tmp: save_file(out, tmp, metadata={"format": HESSIAN_FORMAT}))
         if log:

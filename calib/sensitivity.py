@@ -343,7 +343,7 @@ def measure_sensitivity(denoiser, techniques: dict[str, Any] | None = None, targ
                         content_rules: Sequence[str] = DEFAULT_CONTENT_RULES,
                         per_timestep: bool = False, n_prompts: int = 4, steps: int = 8,
                         guidance: float | None = None, n_calib: int = 32,
-                        calib_items: Sequence | None = None, stats=None,
+                        calib_items: Sequence | None = None, stats=None, device: str | None = None,
                         use_cache: bool = True, cache: str | Path | None = None,
                         progress: bool = True,
                         log: Callable[[str], None] | None = None) -> Sensitivity:
@@ -352,7 +352,8 @@ def measure_sensitivity(denoiser, techniques: dict[str, Any] | None = None, targ
     ... of a plan), from the cache when seen before. `n_calib` prompts calibrate the scales
     (the statistics `effgen calib` uses and caches); `n_prompts` prompts with `steps` sampler
     steps measure. `calib_items` (calib.stats.calibration_items of a prompt or text states
-    file) replace the default calibration prompts, and their first `n_prompts` measure."""
+    file) replace the default calibration prompts, and their first `n_prompts` measure.
+    `device`: where the calibration sampler passes run (the measurements run on the CPU)."""
     from tqdm import tqdm
 
     from ..runtime.bundle import write_json_atomic
@@ -397,7 +398,7 @@ def measure_sensitivity(denoiser, techniques: dict[str, Any] | None = None, targ
 
     if stats is None:
         stats = collect_statistics(denoiser, items=calib_items, n_calib=n_calib, use_cache=use_cache,
-                                   cache=cache, progress=progress, log=log)
+                                   cache=cache, progress=progress, log=log, device=device)
     # One calibration per candidate: every allocatable layer at that precision, so each
     # layer gets exactly the scales (smoothing, weight scales, activation amax per group)
     # it would get in a plan that chooses this candidate for it.
@@ -408,7 +409,7 @@ def measure_sensitivity(denoiser, techniques: dict[str, Any] | None = None, targ
         # n_calib and the cache also serve GPTQ's Hessians (one sampler pass for all candidates)
         calibrated.append(calibrate(denoiser, raw, target, stats=stats, items=calib_items,
                                     n_calib=n_calib, use_cache=use_cache, cache=cache,
-                                    progress=False))
+                                    progress=False, device=device))
     groups = calibrated[0][0].timestep_groups
     modules = quantizable_modules(denoiser)
     effective = {n: [LayerPrecision(**plan.provenance["effective"][n]) for plan, _ in calibrated]

@@ -21,6 +21,7 @@ sampler (scheduler config, steps, guidance) under $EFFGEN_CACHE or ~/.cache/effg
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -210,6 +211,29 @@ def encode_conditions(spec: ModelSpec, items: Sequence) -> tuple[torch.Tensor, t
     return cond, torch.zeros(n, L, D), torch.ones(n, L), umask
 
 
+@contextlib.contextmanager
+def on_device(model, device: str | None):
+    """`model` on the torch `device` for a sampler pass (statistics, GPTQ Hessians) and back
+    on the CPU after it, where the rest of calibration runs. The caches do not key on the
+    device: a GPU's statistics differ from the CPU's by float rounding only."""
+    if device is None or str(device) == "cpu":
+        yield
+        return
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"device {device!r} is not a torch device (cpu, cuda, cuda:1, ...)") from None
+    if model.spec.family == "ecar":
+        raise ValueError(f"{model.spec.name}: ECAR models calibrate on the CPU")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device}: torch sees no CUDA device here")
+    model.to(dev)
+    try:
+        yield
+    finally:
+        model.to("cpu")
+
+
 # --- statistics --------------------------------------------------------------------------
 
 
@@ -303,11 +327,14 @@ class _RowStats:
         self.cap = {n: max(1, budget // in_features(m)) for n, m in modules.items()}
 
     def add(self, name: str, i: int, flat: torch.Tensor) -> None:
-        """Merge the rows `flat` (N, C_in) seen by layer `name` at step `i`."""
-        amax = flat.abs().amax(dim=0)
+        """Merge the rows `flat` (N, C_in) seen by layer `name` at step `i`. `flat` may live on
+        a GPU: what is kept is reduced there and moved to the CPU (the random keys are drawn
+        on the CPU, so the sample is the same on any device)."""
+        cpu = torch.device("cpu")
+        amax = flat.abs().amax(dim=0).to(cpu)
         prev = self.absmax[name][i]
         self.absmax[name][i] = amax if prev is None else torch.maximum(prev, amax)
-        hi, lo = flat.amax(dim=0), flat.amin(dim=0)
+        hi, lo = flat.amax(dim=0).to(cpu), flat.amin(dim=0).to(cpu)
         prev_hi, prev_lo = self.maximum[name][i], self.minimum[name][i]
         self.maximum[name][i] = hi if prev_hi is None else torch.maximum(prev_hi, hi)
         self.minimum[name][i] = lo if prev_lo is None else torch.minimum(prev_lo, lo)
@@ -316,7 +343,7 @@ class _RowStats:
         keys = torch.rand(flat.shape[0], generator=self.gen)
         k = min(self.cap[name], flat.shape[0])
         sel = torch.topk(keys, k, largest=False).indices
-        rows, keys = flat[sel], keys[sel]
+        rows, keys = flat[sel.to(flat.device)].to(cpu), keys[sel]
         if self.rows[name][i] is not None:
             rows = torch.cat([self.rows[name][i], rows])
             keys = torch.cat([self.keys[name][i], keys])
@@ -325,7 +352,7 @@ class _RowStats:
                 rows, keys = rows[sel], keys[sel]
         self.rows[name][i], self.keys[name][i] = rows, keys
         # The largest-norm rows, merged the same way.
-        top = flat[torch.topk(flat.norm(dim=1), min(TOP_ROWS, flat.shape[0])).indices]
+        top = flat[torch.topk(flat.norm(dim=1), min(TOP_ROWS, flat.shape[0])).indices].to(cpu)
         if self.top[name][i] is not None:
             top = torch.cat([self.top[name][i], top])
             top = top[torch.topk(top.norm(dim=1), min(TOP_ROWS, top.shape[0])).indices]
@@ -445,7 +472,9 @@ def run_sampler(model, items: Sequence, sampler: dict, seed: int, on_step: Calla
         from ..runtime.pipeline import initial_noise
 
         noise = initial_noise((spec.in_channels, spec.sample_size, spec.sample_size), seed, n)
-        cond, uncond, cmask, umask = encode_conditions(spec, items)
+        device = next(model.parameters()).device
+        cond, uncond, cmask, umask = (None if x is None else x.to(device)
+                                      for x in encode_conditions(spec, items))
         n_steps = sampler["steps"]
 
         def run(sl, hook):
@@ -491,9 +520,10 @@ def collect_statistics(model, items: Sequence | None = None, n_calib: int = 32,
                        scheduler: dict | None = None, seed: int = CALIB_SEED,
                        budget: int = DEFAULT_BUDGET, batch: int = 16, use_cache: bool = True,
                        cache: str | Path | None = None, progress: bool = True,
-                       log=None) -> Statistics:
+                       log=None, device: str | None = None) -> Statistics:
     """Statistics of every quantizable layer over the FP sampler, from the cache when this
-    model (weights), data and sampler were seen before. `model`: a Denoiser, or an ECAR
+    model (weights), data and sampler were seen before; the sampler runs on the torch
+    `device` (default: where the model is). `model`: a Denoiser, or an ECAR
     model from `load_ecar`, whose step s merges stage s's AR pass and all its head steps
     (the activations the stage's graphs see): its timestep groups are stage groups."""
     spec = model.spec
@@ -507,7 +537,7 @@ def collect_statistics(model, items: Sequence | None = None, n_calib: int = 32,
 
     n_steps = len(sampler["stage_steps"]) if spec.family == "ecar" else sampler["steps"]
     rec = _Recorder(quantizable_modules(model), n_steps, budget, seed)
-    with rec:
+    with on_device(model, device), rec:
         timesteps = run_sampler(model, items, sampler, seed, lambda i: setattr(rec, "step", i),
                                 f"calibration statistics ({spec.name})", progress, batch)
     complete = rec.all_rows.complete()

@@ -48,6 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "per line, or a text states file from `effgen encode-prompts` (.safetensors), "
                    "which a PixArt checkpoint needs (effgen does not run T5); default: held-out "
                    "reference prompts")
+    q.add_argument("--calib-device", default=None, metavar="DEVICE",
+                   help="torch device of the calibration sampler passes (statistics, GPTQ "
+                   "Hessians): cuda for a real-size model; the rest runs on the CPU")
     q.add_argument("--calib-steps", type=int, default=None,
                    help="sampler steps of the calibration runs (default: the model's)")
     return p
@@ -67,7 +70,7 @@ def main(argv=None) -> int:
     if args.plan is not None or args.scales is not None:
         quantize = {"plan": args.plan, "scales_dir": args.scales, "target": args.target,
                     "n_calib": args.n_calib, "calib_steps": args.calib_steps,
-                    "prompts": args.prompts}
+                    "prompts": args.prompts, "device": args.calib_device}
     elif args.target is not None:
         raise ValueError("--target needs --plan or --scales (a quantized export)")
     t0 = time.perf_counter()

@@ -35,11 +35,12 @@ class Quantization:
 
 def prepare_quantization(denoiser, plan: str | Path | None = None, scales_dir: str | Path | None = None,
                          target: str | None = None, n_calib: int = 32, calib_steps: int | None = None,
-                         prompts: str | Path | None = None, fp_bundle: str | Path | None = None,
+                         prompts: str | Path | None = None, device: str | None = None,
+                         fp_bundle: str | Path | None = None,
                          log: Callable[[str], None] = print) -> Quantization:
     """Calibrate `plan` for `denoiser` on `target` (cached statistics are reused) over
     `prompts` (a prompt or text states file, calib.stats.calibration_items; default: held-out
-    reference prompts), or read a calibration directory (plan.json + scales.safetensors from
+    reference prompts), its sampler passes on the torch `device`, or read a calibration directory (plan.json + scales.safetensors from
     `effgen calib`). `fp_bundle`:
     an FP bundle of the same model and shapes whose denoiser graph is lowered (no new
     export)."""
@@ -51,8 +52,9 @@ def prepare_quantization(denoiser, plan: str | Path | None = None, scales_dir: s
     if target is not None and target not in TARGETS:
         raise PlanError(f"--target: {target!r} is not one of {', '.join(TARGETS)}")
     if scales_dir is not None:
-        if prompts is not None:
-            raise PlanError("--prompts calibrates: give it with --plan, not with --scales")
+        if prompts is not None or device is not None:
+            raise PlanError("--prompts and --calib-device calibrate: give them with --plan, not "
+                            "with --scales")
         scales_dir = Path(scales_dir)
         if not (scales_dir / SCALES_FILE).is_file():
             raise FileNotFoundError(f"{scales_dir} has no {SCALES_FILE} (a directory written by effgen calib)")
@@ -82,7 +84,7 @@ def prepare_quantization(denoiser, plan: str | Path | None = None, scales_dir: s
     raw = read_plan_file(plan)
     items = model_calibration_items(denoiser, n_calib, prompts)
     resolved, scales = calibrate(denoiser, raw, target, items=items, steps=calib_steps,
-                                 log=log, progress=False)
+                                 log=log, progress=False, device=device)
     log(f"calibrated {Path(plan).name} for {resolved.target}: "
         f"{len(resolved.timestep_groups)} timestep group(s) {resolved.timestep_groups}")
     return Quantization(resolved, scales, resolved.target, "calibrated",

@@ -183,3 +183,42 @@ def test_bad_states_files_give_one_line_errors(t5_checkpoint, states_file, tmp_p
                    str(tmp_path / "p.txt"), "--out", str(tmp_path / "s.safetensors")]) == 2
     assert "no text_encoder/ folder" in capsys.readouterr().err
     assert not (tmp_path / "s.safetensors").exists()
+
+
+def test_bad_calibration_devices_give_one_line_errors(tmp_path, capsys):
+    devices = ["npu0"] + ([] if torch.cuda.is_available() else ["cuda"])
+    for device in devices:
+        assert effgen(["calib", "pixart-tiny", "--plan", W8A8, "--out", str(tmp_path / "c"),
+                       "--no-cache", "--n-calib", "2", "--device", device]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and device in err, err
+    assert effgen(["calib", "ecar-tiny", "--plan", W8A8, "--out", str(tmp_path / "c"), "--no-cache",
+                   "--n-calib", "2", "--device", "cuda:0"]) == 2
+    assert "ECAR models calibrate on the CPU" in capsys.readouterr().err
+    assert not (tmp_path / "c").exists()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (calibration passes on --device cuda)")
+def test_statistics_and_hessians_on_cuda_match_the_cpu():
+    from effgen.calib.gptq import collect_hessians
+    from effgen.calib.stats import collect_statistics, quantizable_modules
+    from effgen.models.denoiser import load_denoiser
+
+    model = load_denoiser("pixart-tiny")
+    linears = [n for n, m in quantizable_modules(model).items() if isinstance(m, torch.nn.Linear)]
+    runs = {}
+    for device in ("cpu", "cuda"):
+        runs[device] = (collect_statistics(model, n_calib=4, use_cache=False, progress=False, device=device),
+                        collect_hessians(model, linears, n_calib=4, use_cache=False, progress=False,
+                                         device=device))
+        assert next(model.parameters()).device.type == "cpu"  # back where calibration goes on
+    (cpu, h_cpu), (gpu, h_gpu) = runs["cpu"], runs["cuda"]
+    assert cpu.timesteps == gpu.timesteps and sorted(cpu.absmax) == sorted(gpu.absmax)
+    for name in cpu.absmax:
+        for field in ("absmax", "rows", "top", "maximum", "minimum"):
+            a, b = getattr(cpu, field)[name], getattr(gpu, field)[name]
+            assert b.device.type == "cpu"
+            torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-4)
+    for name in linears:
+        assert h_gpu[name].device.type == "cpu"
+        torch.testing.assert_close(h_gpu[name], h_cpu[name], rtol=1e-3, atol=1e-4)
