@@ -118,9 +118,10 @@ def calibration_items(spec: ModelSpec, n: int, prompt_file: str | Path | None = 
     TextStates from a text states file (.safetensors / .npy).
 
     Default: `refdata.eval_prompts(n, seed=999)`, a held-out set drawn with another seed than
-    evaluation (its captions, or its class ids for the reference models; other class-conditional
-    models get `n` distinct classes drawn with the seed). A prompt file has one caption (or, for a class-conditional model, one
-    integer label) per line; the first `n` lines (rows of a states file) are used."""
+    evaluation (its captions, or its class ids for the reference models; other
+    class-conditional models get `n` distinct classes drawn with the seed). A prompt file has
+    one caption (or, for a class-conditional model, one integer label) per line; the first
+    `n` lines (rows of a states file) are used."""
     class_conditional = spec.family in ("dit", "ecar")
     if prompt_file is not None:
         path = Path(prompt_file)
@@ -215,19 +216,16 @@ def encode_conditions(spec: ModelSpec, items: Sequence) -> tuple[torch.Tensor, t
 def on_device(model, device: str | None):
     """`model` on the torch `device` for a sampler pass (statistics, GPTQ Hessians) and back
     on the CPU after it, where the rest of calibration runs. The caches do not key on the
-    device: a GPU's statistics differ from the CPU's by float rounding only."""
+    device: a GPU pass gives the CPU's statistics up to float rounding (a test checks it where
+    there is a GPU)."""
+    from ..models.denoiser import torch_device
+
     if device is None or str(device) == "cpu":
         yield
         return
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise ValueError(f"device {device!r} is not a torch device (cpu, cuda, cuda:1, ...)") from None
     if model.spec.family == "ecar":
         raise ValueError(f"{model.spec.name}: ECAR models calibrate on the CPU")
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device}: torch sees no CUDA device here")
-    model.to(dev)
+    model.to(torch_device(device))
     try:
         yield
     finally:

@@ -40,10 +40,9 @@ def prepare_quantization(denoiser, plan: str | Path | None = None, scales_dir: s
                          log: Callable[[str], None] = print) -> Quantization:
     """Calibrate `plan` for `denoiser` on `target` (cached statistics are reused) over
     `prompts` (a prompt or text states file, calib.stats.calibration_items; default: held-out
-    reference prompts), its sampler passes on the torch `device`, or read a calibration directory (plan.json + scales.safetensors from
-    `effgen calib`). `fp_bundle`:
-    an FP bundle of the same model and shapes whose denoiser graph is lowered (no new
-    export)."""
+    reference prompts), its sampler passes on the torch `device`; or read a calibration
+    directory (plan.json + scales.safetensors from `effgen calib`). `fp_bundle`: an FP bundle
+    of the same model and shapes whose denoiser graph is lowered (no new export)."""
     from ..calib.calibrate import calibrate, resolve_for_model
     from ..calib.scales import PLAN_FILE, SCALES_FILE, load_scales
     from ..calib.targets import effective_precision

@@ -73,6 +73,18 @@ class Denoiser(torch.nn.Module):
         return sample, timestep, states, mask
 
 
+def torch_device(name: str) -> torch.device:
+    """The torch device `name` (cpu, cuda, cuda:1, ...), or a one-line error where it is not
+    one or this machine has no such device."""
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"device {name!r} is not a torch device (cpu, cuda, cuda:1, ...)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name}: torch sees no CUDA device here")
+    return dev
+
+
 def _transformer_class(family: str):
     from diffusers import DiTTransformer2DModel, PixArtTransformer2DModel
 

@@ -21,6 +21,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from .denoiser import torch_device
+
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
 
 
@@ -36,13 +38,14 @@ def load_t5(checkpoint: str | Path, dtype: str = "bfloat16", device: str = "cpu"
                                     "text encoder of a diffusers PixArt checkpoint")
     if dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    dev = torch_device(device)
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer", local_files_only=True)
         encoder = T5EncoderModel.from_pretrained(folder / "text_encoder", local_files_only=True,
                                                  use_safetensors=True, dtype=DTYPES[dtype])
     except OSError as e:  # missing or unreadable files, .bin-only weights
         raise ValueError(f"{folder}: cannot load its T5 text encoder: {str(e).splitlines()[0]}") from None
-    return tokenizer, encoder.to(device).eval()
+    return tokenizer, encoder.to(dev).eval()
 
 
 @torch.no_grad()

@@ -182,6 +182,9 @@ def test_bad_states_files_give_one_line_errors(t5_checkpoint, states_file, tmp_p
     assert effgen(["encode-prompts", "pixart-tiny", "--checkpoint", str(no_encoder), "--prompts",
                    str(tmp_path / "p.txt"), "--out", str(tmp_path / "s.safetensors")]) == 2
     assert "no text_encoder/ folder" in capsys.readouterr().err
+    assert effgen(["encode-prompts", "pixart-tiny", "--checkpoint", str(t5_checkpoint), "--prompts",
+                   str(tmp_path / "p.txt"), "--out", str(tmp_path / "s.safetensors"), "--device", "npu0"]) == 2
+    assert "'npu0' is not a torch device" in capsys.readouterr().err
     assert not (tmp_path / "s.safetensors").exists()
 
 
