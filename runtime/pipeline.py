@@ -58,7 +58,8 @@ class DenoisePipeline:
         """Token states and float mask for prompts, through the bundle's text encoder."""
         if self.text_encoder is None:
             raise BundleError(f"{self.bundle.root} has no text_encoder component: pass "
-                              "precomputed prompt embeddings instead of a prompt")
+                              "precomputed text states instead of a prompt (prompt_embeds=, "
+                              "--prompt-embeds: a file from `effgen encode-prompts`)")
         if self._tokenizer is None:
             from tokenizers import Tokenizer
 
