@@ -41,7 +41,8 @@ Methods:
 acc_lost / acc_gained ("-/+" in the printed table): images FP shows right and the method
 wrong, and the reverse (metrics.evaluate); the accuracy difference is their difference / N.
 weight_ratio: weight bytes / FP's on the target; weight_ratio_w8a8: / uniform W8A8's.
-All methods are calibrated on refdata.eval_prompts(n_calib, seed=999) (statistics cached).
+All methods are calibrated on refdata.eval_prompts(n_calib, seed=999) (statistics cached), or
+on the first n_calib prompts of --calib-prompts (captions, or a text states file).
 This is the PyTorch simulation of the target's numerics; the exported QDQ bundles are
 measured with `effgen eval` once the exporter lowers plans.
 """
@@ -98,7 +99,7 @@ def plan_for(method: str) -> dict | None:
     return None
 
 
-def mixed_precision_plan(fp, method: str, stats, args, log) -> dict:
+def mixed_precision_plan(fp, method: str, stats, calib_items, args, log) -> dict:
     """The plan of an MP_METHODS row from effgen's planner (sensitivities cached on disk, so
     rows sharing the techniques measure once)."""
     from effgen.calib.allocate import DEFAULT_TECHNIQUES, plan_model
@@ -109,6 +110,7 @@ def mixed_precision_plan(fp, method: str, stats, args, log) -> dict:
     plan, _, result = plan_model(fp, weight_bits=weight_bits, allocator=allocator, **rules,
                                  techniques=techniques, target=args.target, stats=stats,
                                  n_calib=args.n_calib, n_prompts=args.sensitivity_prompts,
+                                 calib_items=calib_items if args.calib_prompts else None,
                                  steps=args.sensitivity_steps, log=log,
                                  command=f"samples/quality_table.py --methods {method}")
     got = plan["provenance"]["achieved"]
@@ -190,6 +192,9 @@ def main(argv=None) -> int:
     p.add_argument("--target", default="trt", choices=["trt", "trt-orin", "ort-cpu"])
     p.add_argument("--n-images", type=int, default=64)
     p.add_argument("--n-calib", type=int, default=32)
+    p.add_argument("--calib-prompts", type=Path, default=None, metavar="FILE",
+                   help="calibrate every method on this prompt or text states file (effgen calib "
+                   "--prompts; default: the held-out reference captions)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=None, help="sampler steps (default: the model's)")
     p.add_argument("--threads", type=int, default=0)
@@ -214,6 +219,7 @@ def main(argv=None) -> int:
 
     rows: list[dict] = []
     config = {"target": args.target, "n_images": args.n_images, "n_calib": args.n_calib,
+              "calib_prompts": None if args.calib_prompts is None else str(args.calib_prompts),
               "seed": args.seed, "simulation": "effgen.calib PyTorch fake quantization"}
 
     def emit(row):
@@ -242,7 +248,7 @@ def main(argv=None) -> int:
         steps = int(args.steps or spec.steps)
         items, attrs = sample_items(spec, args.n_images)
         class_ids = [a.class_id for a in attrs]
-        calib_items = calibration_items(spec, args.n_calib)
+        calib_items = calibration_items(spec, args.n_calib, args.calib_prompts)
         t0 = time.perf_counter()
         fp_images = generate_images(fp, items, seed=args.seed, steps=steps, desc=f"{model} fp")
         fp_seconds = time.perf_counter() - t0
@@ -285,9 +291,9 @@ def main(argv=None) -> int:
                     continue
                 if stats is None:
                     stats = collect_statistics(fp, items=calib_items, steps=steps, log=log)
-                raw = (mixed_precision_plan(fp, method, stats, args, log)
+                raw = (mixed_precision_plan(fp, method, stats, calib_items, args, log)
                        if method in MP_METHODS else plan_for(method))
-                plan, scales = calibrate(fp, raw, args.target, stats=stats)
+                plan, scales = calibrate(fp, raw, args.target, stats=stats, items=calib_items)
                 q = copy.deepcopy(fp)
                 quantize_(q, plan, scales)
                 images = generate_images(q, items, seed=args.seed, steps=steps, desc=f"{model} {method}")

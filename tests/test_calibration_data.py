@@ -9,6 +9,7 @@ laid out; pixart-tiny reads 8 tokens of 32-wide states."""
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import numpy as np
@@ -17,6 +18,11 @@ import torch
 
 from effgen.cli import main as effgen
 from effgen.exporter.cli import main as effgen_export
+
+@pytest.fixture(autouse=True)
+def own_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("EFFGEN_CACHE", str(tmp_path / "cache"))
+
 
 PROMPTS = ["a red circle", "a small blue square at the top", "green star"]
 WORDS = ["a", "red", "circle", "small", "blue", "square", "at", "the", "top", "green", "star"]
@@ -225,3 +231,18 @@ def test_statistics_and_hessians_on_cuda_match_the_cpu():
     for name in linears:
         assert h_gpu[name].device.type == "cpu"
         torch.testing.assert_close(h_gpu[name], h_cpu[name], rtol=1e-3, atol=1e-4)
+
+
+def test_calibration_data_sample_scores_both_kinds_of_states(tmp_path, capsys, sample_script):
+    """samples/calibration_data.py: the same method calibrated on the encoder's states and on
+    Gaussian states, each scored against FP (tiny sizes; the README's numbers are at 64)."""
+    out = tmp_path / "rows.json"
+    assert sample_script("calibration_data").main(
+        ["--json", str(out), "--methods", "vidit-w8a8", "--n-images", "2", "--n-calib", "2",
+         "--steps", "3"]) == 0
+    rows = json.loads(out.read_text())
+    assert [(r["method"], r["calibration_data"]) for r in rows] == [
+        ("vidit-w8a8", "encoder states"), ("vidit-w8a8", "Gaussian states")]
+    assert all(np.isfinite(r["psnr"]) and r["n_images"] == 2 for r in rows)
+    assert rows[0]["psnr"] != rows[1]["psnr"]  # other statistics, other scales
+    assert "| vidit-w8a8 | Gaussian states |" in capsys.readouterr().out
