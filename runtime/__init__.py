@@ -36,8 +36,9 @@ def generate(bundle: str | Path | Bundle, *, prompt=None, prompt_embeds=None, cl
     """Generate `num_images` images as uint8 (N, H, W, 3).
 
     Text-conditioned bundles take `prompt` (str or one per image; needs the bundle's
-    text_encoder) or `prompt_embeds` (dict with 'prompt_embeds' and optional masks and
-    negatives, see DenoisePipeline); class-conditional bundles take `class_label`. Steps and
+    text_encoder) or `prompt_embeds` (a text states file from `effgen encode-prompts`, or the
+    dict of its arrays: 'prompt_embeds' and optional masks and negatives, see
+    runtime.text.text_state_rows); class-conditional bundles take `class_label`. Steps and
     guidance default to the bundle's sampling defaults. Image i uses noise seeded `seed + i`.
     `output="latents"` returns the denoised latents instead (a bundle without a VAE decoder).
     ECAR bundles take `class_label`; their `steps` is the head's total over the stages (split

@@ -74,7 +74,7 @@ class DenoisePipeline:
 
     def conditioning(self, n: int, prompt: str | Sequence[str] | None = None,
                      negative_prompt: str = "",
-                     prompt_embeds: dict[str, np.ndarray] | None = None,
+                     prompt_embeds: dict[str, np.ndarray] | str | Path | None = None,
                      class_label: int | Sequence[int] | None = None) -> Conditioning:
         def per_image(x):
             x = [x] * n if isinstance(x, (str, int, np.integer)) else list(x)
@@ -97,6 +97,10 @@ class DenoisePipeline:
                 {"encoder_hidden_states": states[:n], "encoder_attention_mask": mask[:n]},
                 {"encoder_hidden_states": np.repeat(states[n:], n, 0),
                  "encoder_attention_mask": np.repeat(mask[n:], n, 0)})
+        if isinstance(prompt_embeds, (str, Path)):  # a text states file
+            from .text import read_text_states
+
+            prompt_embeds = read_text_states(prompt_embeds)
         if prompt_embeds is not None:
             return self._from_embeddings(prompt_embeds, n)
         raise ValueError("this is a text-conditioned bundle: give a prompt or prompt embeddings")

@@ -144,6 +144,12 @@ def test_calib_and_export_on_states_then_generate_from_them(t5_checkpoint, state
     assert effgen(["generate", str(bundle), "--prompt-embeds", str(states_file), "--steps", "2",
                    "--out", str(out)]) == 0
     assert sorted(p.name for p in out.glob("0*.png")) == ["000.png", "001.png", "002.png"]
+    from PIL import Image
+
+    from effgen import runtime
+
+    images = runtime.generate(bundle, prompt_embeds=str(states_file), num_images=3, steps=2)
+    assert np.array_equal(images, np.stack([np.asarray(Image.open(out / f"{i:03d}.png")) for i in range(3)]))
 
 
 @pytest.mark.parametrize("prompts", [None, "captions.txt"])
