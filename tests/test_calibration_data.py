@@ -152,6 +152,18 @@ def test_calib_and_export_on_states_then_generate_from_them(t5_checkpoint, state
     assert np.array_equal(images, np.stack([np.asarray(Image.open(out / f"{i:03d}.png")) for i in range(3)]))
 
 
+def test_plan_measures_sensitivity_on_text_states(t5_checkpoint, states_file, tmp_path, capsys):
+    plan = tmp_path / "plan.json"
+    args = ["plan", "pixart-tiny", "--checkpoint", str(t5_checkpoint), "--weight-bits", "6",
+            "--n-prompts", "2", "--steps", "2", "--n-calib", "3", "--out", str(plan)]
+    assert effgen(args) == 2  # captions of a T5 checkpoint: refused before measuring anything
+    assert "effgen encode-prompts" in capsys.readouterr().err and not plan.exists()
+    assert effgen(args + ["--prompts", str(states_file)]) == 0
+    doc = json.loads(plan.read_text())
+    assert doc["provenance"]["achieved"]["weight_bits"] <= 6.05
+    assert doc["provenance"]["sensitivity"]["n_prompts"] == 2
+
+
 @pytest.mark.parametrize("prompts", [None, "captions.txt"])
 def test_t5_checkpoint_is_not_calibrated_on_random_states(t5_checkpoint, tmp_path, capsys, prompts):
     args = ["calib", "pixart-tiny", "--checkpoint", str(t5_checkpoint), "--plan", W8A8,
