@@ -496,8 +496,9 @@ def _add_plan_parser(sub) -> None:
                     "(default: held-out reference prompts)")
     pl.add_argument("--checkpoint", type=Path, default=None, help="local diffusers folder")
     pl.add_argument("--no-cache", action="store_true", help="recompute statistics and sensitivities")
-    pl.add_argument("--device", default=None, help="torch device of the calibration sampler passes "
-                    "(statistics, GPTQ Hessians); the sensitivity measurements run on the CPU")
+    pl.add_argument("--device", default=None, help="torch device of the sampler passes (statistics, "
+                    "GPTQ Hessians) and of the sensitivity measurements: cuda for a real-size "
+                    "model; scales and GPTQ rounding are computed on the CPU")
     pl.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
     pl.set_defaults(func=cmd_plan)
 

@@ -43,8 +43,9 @@ import torch
 
 from .gptq import HESSIAN_FORMAT
 from .plan import FORMAT, FP, LayerPrecision, Plan
-from .stats import (CALIB_SEED, cache_dir, calibration_items, collect_statistics, encode_conditions,
-                    in_features, module_kind, quantizable_modules, read_cache, weights_hash)
+from .stats import (CALIB_SEED, cache_dir, calibration_items, collect_statistics, in_features,
+                    model_conditions, module_kind, on_device, quantizable_modules, read_cache,
+                    weights_hash)
 
 SENSITIVITY_FORMAT = "effgen.sensitivity/1"
 # (w_bits, a_bits) a layer may be planned at.
@@ -255,7 +256,7 @@ def _fp_reference(model, items: Sequence, steps: int, guidance: float) -> _Refer
     else:
         noise = initial_noise((spec.in_channels, spec.sample_size, spec.sample_size), CALIB_SEED,
                               len(items))
-        conditions = encode_conditions(spec, items)
+        conditions = model_conditions(model, items)
     calls: list[_Call] = []
     now = {"t": 0}
 
@@ -353,7 +354,8 @@ def measure_sensitivity(denoiser, techniques: dict[str, Any] | None = None, targ
     (the statistics `effgen calib` uses and caches); `n_prompts` prompts with `steps` sampler
     steps measure. `calib_items` (calib.stats.calibration_items of a prompt or text states
     file) replace the default calibration prompts, and their first `n_prompts` measure.
-    `device`: where the calibration sampler passes run (the measurements run on the CPU)."""
+    `device`: where the calibration sampler passes and the measurements run (the model is
+    back on the CPU after); scales and GPTQ rounding are computed on the CPU."""
     from tqdm import tqdm
 
     from ..runtime.bundle import write_json_atomic
@@ -415,74 +417,77 @@ def measure_sensitivity(denoiser, techniques: dict[str, Any] | None = None, targ
     effective = {n: [LayerPrecision(**plan.provenance["effective"][n]) for plan, _ in calibrated]
                  for n in layers}
 
-    ref = _fp_reference(denoiser, items, steps, guidance)
-    fp_images = to_uint8(ref.final.numpy()) if pixel_images else None
-    G = len(groups) if per_timestep else 0
+    # The reference and every measurement run where the calibration passes ran (`device`).
+    with on_device(denoiser, device):
+        ref = _fp_reference(denoiser, items, steps, guidance)
+        fp_images = to_uint8(ref.final.cpu().numpy()) if pixel_images else None
+        G = len(groups) if per_timestep else 0
 
-    def quality_losses(ctx) -> tuple[float, float, list[float]]:
-        noise = np.zeros(len(groups))
-        signal = np.zeros(len(groups))
-        for call in ref.calls:
-            ctx.set_timestep(call.timestep)
-            g = group_index(groups, call.timestep)
-            n_, s_ = _noise_ratio(call.run(denoiser), call.output)
-            noise[g] += n_
-            signal[g] += s_
-        total = noise.sum() / signal.sum()
-        per_group = [float(noise[g] / signal[g]) if signal[g] else 0.0 for g in range(len(groups))]
-        return float(total), _ratio_to_db(noise.sum(), signal.sum()), per_group
+        def quality_losses(ctx) -> tuple[float, float, list[float]]:
+            noise = np.zeros(len(groups))
+            signal = np.zeros(len(groups))
+            for call in ref.calls:
+                ctx.set_timestep(call.timestep)
+                g = group_index(groups, call.timestep)
+                n_, s_ = _noise_ratio(call.run(denoiser), call.output)
+                noise[g] += n_
+                signal[g] += s_
+            total = noise.sum() / signal.sum()
+            per_group = [float(noise[g] / signal[g]) if signal[g] else 0.0 for g in range(len(groups))]
+            return float(total), _ratio_to_db(noise.sum(), signal.sum()), per_group
 
-    def content_loss(ctx) -> tuple[float, float]:
-        final = _sample(denoiser, ref.noise, ref.conditions, steps, guidance, on_step=ctx.on_step)
-        if pixel_images:
-            from ..metrics import ssim
+        def content_loss(ctx) -> tuple[float, float]:
+            final = _sample(denoiser, ref.noise, ref.conditions, steps, guidance, on_step=ctx.on_step)
+            if pixel_images:
+                from ..metrics import ssim
 
-            s = float(np.mean(ssim(to_uint8(final.numpy()), fp_images)))
-            return max(0.0, 1.0 - s), s
-        n_, s_ = _noise_ratio(final, ref.final)
-        return n_ / s_, _ratio_to_db(n_, s_)
+                s = float(np.mean(ssim(to_uint8(final.cpu().numpy()), fp_images)))
+                return max(0.0, 1.0 - s), s
+            n_, s_ = _noise_ratio(final, ref.final)
+            return n_ / s_, _ratio_to_db(n_, s_)
 
-    loss = {n: [0.0] * len(cands) for n in layers}
-    metric = {n: [0.0] * len(cands) for n in layers}
-    group_loss = {n: [[0.0] * len(cands) for _ in range(G)] for n in layers} if per_timestep else None
-    # Candidates of a layer with one effective precision are measured once.
-    work = []
-    for n in layers:
-        firsts: dict[LayerPrecision, int] = {}
-        for c, e in enumerate(effective[n]):
-            firsts.setdefault(e, c)
-        work.append((n, firsts))
-    units = sum(len(f) * (1 + (G if family[n] == "content" else 0)) for n, f in work)
-    with tqdm(total=units, desc=f"sensitivity ({spec.name}, {target})", unit="run",
-              file=sys.stderr, disable=not progress) as bar:
-        for n, firsts in work:
-            for e, c0 in firsts.items():
-                plan, scales = calibrated[c0]
-                if e.is_fp:
-                    values = (0.0, float("inf") if family[n] == "quality" or not pixel_images else 1.0,
-                              [0.0] * len(groups))
-                    bar.update(1 + (G if family[n] == "content" else 0))
-                elif family[n] == "quality":
-                    with quantized_alone(denoiser, plan, scales, n) as ctx:
-                        values = quality_losses(ctx)
-                    bar.update(1)
-                else:
-                    with quantized_alone(denoiser, plan, scales, n) as ctx:
-                        total, raw = content_loss(ctx)
-                    bar.update(1)
-                    per_group = []
-                    for g in range(G):
-                        with quantized_alone(denoiser, plan, scales, n, group=g) as ctx:
-                            per_group.append(content_loss(ctx)[0])
+        loss = {n: [0.0] * len(cands) for n in layers}
+        metric = {n: [0.0] * len(cands) for n in layers}
+        group_loss = {n: [[0.0] * len(cands) for _ in range(G)] for n in layers} if per_timestep else None
+        # Candidates of a layer with one effective precision are measured once.
+        work = []
+        for n in layers:
+            firsts: dict[LayerPrecision, int] = {}
+            for c, e in enumerate(effective[n]):
+                firsts.setdefault(e, c)
+            work.append((n, firsts))
+        units = sum(len(f) * (1 + (G if family[n] == "content" else 0)) for n, f in work)
+        with tqdm(total=units, desc=f"sensitivity ({spec.name}, {target})", unit="run",
+                  file=sys.stderr, disable=not progress) as bar:
+            for n, firsts in work:
+                for e, c0 in firsts.items():
+                    plan, scales = calibrated[c0]
+                    if e.is_fp:
+                        values = (0.0, float("inf") if family[n] == "quality" or not pixel_images else 1.0,
+                                  [0.0] * len(groups))
+                        bar.update(1 + (G if family[n] == "content" else 0))
+                    elif family[n] == "quality":
+                        with quantized_alone(denoiser, plan, scales, n) as ctx:
+                            values = quality_losses(ctx)
                         bar.update(1)
-                    values = (total, raw, per_group)
-                for c, e2 in enumerate(effective[n]):
-                    if e2 != e:
-                        continue
-                    loss[n][c], metric[n][c] = values[0], values[1]
-                    if group_loss is not None:
+                    else:
+                        with quantized_alone(denoiser, plan, scales, n) as ctx:
+                            total, raw = content_loss(ctx)
+                        bar.update(1)
+                        per_group = []
                         for g in range(G):
-                            group_loss[n][g][c] = values[2][g]
+                            with quantized_alone(denoiser, plan, scales, n, group=g) as ctx:
+                                per_group.append(content_loss(ctx)[0])
+                            bar.update(1)
+                        values = (total, raw, per_group)
+                    for c, e2 in enumerate(effective[n]):
+                        if e2 != e:
+                            continue
+                        loss[n][c], metric[n][c] = values[0], values[1]
+                        if group_loss is not None:
+                            for g in range(G):
+                                group_loss[n][g][c] = values[2][g]
+        act_elems = _input_elements(denoiser, ref, layers)
 
     allocatable_bytes = sum(modules[n].weight.numel() for n in layers) * fp_bytes(target)
     result = Sensitivity(
@@ -490,7 +495,7 @@ def measure_sensitivity(denoiser, techniques: dict[str, Any] | None = None, targ
         loss=loss, metric=metric, effective=effective,
         params={n: int(modules[n].weight.numel()) for n in layers},
         weight_shape={n: list(modules[n].weight.shape) for n in layers},
-        act_elems=_input_elements(denoiser, ref, layers),
+        act_elems=act_elems,
         kind={n: module_kind(modules[n]) for n in layers},
         other_weight_bytes=int(weight_bytes(denoiser, None, target) - allocatable_bytes),
         techniques=techniques, timestep_groups=[tuple(g) for g in groups], group_loss=group_loss,

@@ -78,20 +78,25 @@ class _SimBase(torch.nn.Module):
         self.ctx = ctx
         self.kind = kind
         w = weight.detach().float()
-        self.register_buffer("inv_smooth", None if cfg.smooth is None else 1.0 / cfg.smooth.float())
-        if cfg.smooth is not None:
-            w = smooth_weight(w, cfg.smooth.float())
-        self.register_buffer("hadamard", hadamard(w.shape[1]) if cfg.rotate else None)
+
+        def here(t):  # the scales file's tensors, on the device of the layer they simulate
+            return None if t is None else t.to(w.device)
+
+        smooth, w_scale, w_codes = here(cfg.smooth), here(cfg.w_scale), here(cfg.w_codes)
+        self.register_buffer("inv_smooth", None if smooth is None else 1.0 / smooth.float())
+        if smooth is not None:
+            w = smooth_weight(w, smooth.float())
+        self.register_buffer("hadamard", here(hadamard(w.shape[1])) if cfg.rotate else None)
         if cfg.rotate:
             w = rotate_weight(w, self.hadamard)
-        if cfg.w_codes is not None:
-            w = dequantize_codes(cfg.w_codes, cfg.w_scale, w.shape)
+        if w_codes is not None:
+            w = dequantize_codes(w_codes, w_scale, w.shape)
         elif cfg.precision.w_bits < 16:
-            w = quantize_weight(w, cfg.precision.w_bits, cfg.precision.w_granularity, cfg.w_scale)
+            w = quantize_weight(w, cfg.precision.w_bits, cfg.precision.w_granularity, w_scale)
         self.register_buffer("weight", w)
         self.register_buffer("bias", None if bias is None else bias.detach().float())
-        self.register_buffer("a_amax", None if cfg.a_amax is None else cfg.a_amax.float())
-        self.register_buffer("a_shift", None if cfg.a_shift is None else cfg.a_shift.float())
+        self.register_buffer("a_amax", None if cfg.a_amax is None else here(cfg.a_amax).float())
+        self.register_buffer("a_shift", None if cfg.a_shift is None else here(cfg.a_shift).float())
         self.keep_first_token = cfg.keep_first_token
 
     def _quant_input(self, x: torch.Tensor) -> torch.Tensor:

@@ -212,6 +212,12 @@ def encode_conditions(spec: ModelSpec, items: Sequence) -> tuple[torch.Tensor, t
     return cond, torch.zeros(n, L, D), torch.ones(n, L), umask
 
 
+def model_conditions(model, items: Sequence) -> tuple:
+    """`encode_conditions` of `items`, on the device of `model`'s weights."""
+    device = next(model.parameters()).device
+    return tuple(None if x is None else x.to(device) for x in encode_conditions(model.spec, items))
+
+
 @contextlib.contextmanager
 def on_device(model, device: str | None):
     """`model` on the torch `device` for a sampler pass (statistics, GPTQ Hessians) and back
@@ -470,9 +476,7 @@ def run_sampler(model, items: Sequence, sampler: dict, seed: int, on_step: Calla
         from ..runtime.pipeline import initial_noise
 
         noise = initial_noise((spec.in_channels, spec.sample_size, spec.sample_size), seed, n)
-        device = next(model.parameters()).device
-        cond, uncond, cmask, umask = (None if x is None else x.to(device)
-                                      for x in encode_conditions(spec, items))
+        cond, uncond, cmask, umask = model_conditions(model, items)
         n_steps = sampler["steps"]
 
         def run(sl, hook):

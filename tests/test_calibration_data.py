@@ -264,3 +264,20 @@ def test_calibration_data_sample_scores_both_kinds_of_states(tmp_path, capsys, s
     assert all(np.isfinite(r["psnr"]) and r["n_images"] == 2 for r in rows)
     assert rows[0]["psnr"] != rows[1]["psnr"]  # other statistics, other scales
     assert "| vidit-w8a8 | Gaussian states |" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (effgen plan --device cuda)")
+def test_sensitivities_on_cuda_match_the_cpu():
+    from effgen.calib.allocate import DEFAULT_TECHNIQUES
+    from effgen.calib.sensitivity import measure_sensitivity
+    from effgen.models.denoiser import load_denoiser
+
+    model = load_denoiser("pixart-tiny")
+    runs = [measure_sensitivity(model, DEFAULT_TECHNIQUES, "trt", n_prompts=2, steps=2, n_calib=3,
+                                use_cache=False, progress=False, device=device)
+            for device in ("cpu", "cuda")]
+    assert next(model.parameters()).device.type == "cpu"
+    cpu, gpu = runs
+    assert cpu.layers == gpu.layers and cpu.act_elems == gpu.act_elems
+    for name in cpu.layers:
+        np.testing.assert_allclose(gpu.loss[name], cpu.loss[name], rtol=0.05, atol=1e-7)
