@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
 
@@ -30,12 +32,11 @@ def read_text_states(path) -> dict[str, np.ndarray]:
     `prompt_attention_mask` (N, L), `negative_prompt_embeds` and
     `negative_prompt_attention_mask` (1 or N rows), as `effgen encode-prompts` writes it; or
     `.npy` with the prompt states alone."""
-    from pathlib import Path
+    from safetensors import SafetensorError
 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"text states file {path} does not exist")
-    from safetensors import SafetensorError
 
     try:
         if path.suffix == ".npy":

@@ -293,7 +293,8 @@ def main(argv=None) -> int:
                     stats = collect_statistics(fp, items=calib_items, steps=steps, log=log)
                 raw = (mixed_precision_plan(fp, method, stats, calib_items, args, log)
                        if method in MP_METHODS else plan_for(method))
-                plan, scales = calibrate(fp, raw, args.target, stats=stats, items=calib_items)
+                plan, scales = calibrate(fp, raw, args.target, stats=stats, items=calib_items,
+                                         steps=steps)  # GPTQ's Hessians along the same sampler
                 q = copy.deepcopy(fp)
                 quantize_(q, plan, scales)
                 images = generate_images(q, items, seed=args.seed, steps=steps, desc=f"{model} {method}")
