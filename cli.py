@@ -535,6 +535,7 @@ def cmd_check(args) -> int:
 
 def cmd_encode_prompts(args) -> int:
     from .calib.scales import _atomic_write_bytes
+    from .calib.stats import prompt_lines
     from .models.configs import get_spec
     from .models.t5 import encode_prompts
     from .runtime.text import TEXT_STATES_FORMAT
@@ -545,13 +546,9 @@ def cmd_encode_prompts(args) -> int:
     if spec.text.encoder == "minilm":
         raise ValueError(f"{spec.name} ships its text encoder: give captions directly "
                          "(--prompts FILE.txt, --prompt)")
-    if not args.prompts.is_file():
-        raise FileNotFoundError(f"prompt file {args.prompts} does not exist")
     if args.out.suffix != ".safetensors":
         raise ValueError(f"--out {args.out}: text states are written as a .safetensors file")
-    prompts = [ln.strip() for ln in args.prompts.read_text().splitlines() if ln.strip()]
-    if not prompts:
-        raise ValueError(f"{args.prompts}: no prompts")
+    prompts = prompt_lines(args.prompts)
     if args.threads > 0:
         import torch
 
@@ -582,7 +579,7 @@ def _add_encode_prompts_parser(sub) -> None:
         "negative prompt encoded the same way. The .safetensors file is what calibration takes "
         "as --prompts (effgen calib, effgen plan, effgen-export --plan) and `effgen generate "
         "--prompt-embeds` conditions on: effgen does not run T5 itself. T5-XXL's 4.7B "
-        "weights take 9.5 GB in bfloat16.")
+        "weights take 9.4 GB in bfloat16.")
     e.add_argument("model", help="a T5-conditioned model: pixart-alpha-256/512/1024, pixart-sigma-1024")
     e.add_argument("--checkpoint", type=Path, required=True,
                    help="local diffusers folder with text_encoder/ and tokenizer/")

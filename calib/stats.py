@@ -101,15 +101,27 @@ def text_states_items(spec: ModelSpec, path: str | Path, n: int | None = None) -
     if spec.text is None:
         raise ValueError(f"{path}: {spec.name} is class-conditional; text states condition "
                          "text models (give class labels, one per line, in a .txt file)")
+    arrays = read_text_states(path)  # its errors name the file
     try:
-        cond, cmask, unc, umask = text_state_rows(read_text_states(path), spec.text.max_length,
-                                                  spec.text.dim)
+        cond, cmask, unc, umask = text_state_rows(arrays, spec.text.max_length, spec.text.dim)
     except ValueError as e:
         raise ValueError(f"{path}: {e}") from None
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
     k = min(n, len(cond)) if n else len(cond)
     return [TextStates(cond[i].copy(), cmask[i].copy(), unc[i].copy(), umask[i].copy(),
                        f"{digest}:{i}") for i in range(k)]
+
+
+def prompt_lines(path: str | Path) -> list[str]:
+    """The non-blank lines of a prompt file, stripped; a one-line error for a missing or empty
+    file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"prompt file {path} does not exist")
+    lines = [ln.strip() for ln in path.read_text().splitlines() if ln.strip()]
+    if not lines:
+        raise ValueError(f"{path}: no prompts")
+    return lines
 
 
 def calibration_items(spec: ModelSpec, n: int, prompt_file: str | Path | None = None,
@@ -129,9 +141,7 @@ def calibration_items(spec: ModelSpec, n: int, prompt_file: str | Path | None = 
             raise FileNotFoundError(f"calibration prompt file {path} does not exist")
         if path.suffix in STATES_SUFFIXES:
             return text_states_items(spec, path, n)
-        lines = [ln.strip() for ln in path.read_text().splitlines() if ln.strip()]
-        if not lines:
-            raise ValueError(f"{path}: no prompts")
+        lines = prompt_lines(path)
         lines = lines[:n] if n else lines
         if class_conditional:
             try:

@@ -13,8 +13,8 @@ a markdown table of PSNR / SSIM / attr_acc against FP for each method and calibr
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
+import runpy
 import sys
 import tempfile
 from pathlib import Path
@@ -22,13 +22,6 @@ from pathlib import Path
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
-
-
-def _quality_table():
-    spec = importlib.util.spec_from_file_location("quality_table", HERE / "quality_table.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def write_gaussian_states(path: Path, model: str, n: int) -> None:
@@ -59,7 +52,9 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=None, help="sampler steps (default: the model's)")
     p.add_argument("--threads", type=int, default=0)
     args = p.parse_args(argv)
-    table = _quality_table()
+    from effgen.metrics import write_json
+
+    quality_table = runpy.run_path(str(HERE / "quality_table.py"))["main"]
     model = "pixart-ref"
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -70,13 +65,13 @@ def main(argv=None) -> int:
             common = ["--json", str(out), "--models", model, "--methods", "fp", *args.methods,
                       "--n-images", str(args.n_images), "--n-calib", str(args.n_calib),
                       "--threads", str(args.threads)] + (["--steps", str(args.steps)] if args.steps else [])
-            if table.main(common + extra) != 0:
+            if quality_table(common + extra) != 0:
                 return 1
             for row in json.loads(out.read_text())["rows"]:
                 if row["method"] != "fp":
                     rows.append({**row, "calibration_data": label})
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(rows, indent=1) + "\n")
+    write_json(args.json, rows)
     print("\n| method | calibrated on | PSNR dB | SSIM | attr_acc | -/+ vs FP |")
     print("|---|---|---:|---:|---:|---:|")
     for r in rows:
