@@ -1,6 +1,7 @@
 """Cost and fidelity of effgen's ort-cpu bundles against FP32 and ONNX Runtime's own
 quantizers, on ONNX Runtime's CPU provider, measured in one run.
 
+    .venv/bin/pip install -e '.[bench]'   # onnx-ir, for ONNX Runtime's 4-bit quantizer
     .venv/bin/python samples/bench_table.py --json out/bench.json [--real-arch] [--threads 2]
 
 Models: pixart-ref and dit-ref (the shipped reference weights, whatever checkpoint exists),
@@ -17,6 +18,9 @@ Methods (every bundle from the same FP graph, `effgen-export`):
                         per tensor, MatMul/Gemm with constant weights: MatMulConstBOnly)
   ort-matmulnbits-4bit  onnxruntime's MatMulNBitsQuantizer (4-bit, block 32, symmetric,
                         accuracy_level 4) on the FP graph
+  fp32-fused-attention  the fp32 graph with effgen's ort-cpu attention fusion only
+                        (exporter/ort_attention.py, which every ort-cpu lowering runs): how
+                        much of a quantized bundle's speed-up is the fused attention
   w8a8-variants-1/-4    the w8a8 plan with 1 and 4 timestep groups (variant memory check; an
                         ort-cpu bundle is one graph for all groups, so K only adds scales)
 
@@ -47,7 +51,8 @@ PLANS = ROOT / "samples" / "plans"
 REF_MODELS = ("pixart-ref", "dit-ref")
 REAL_ARCH = "pixart-alpha-512"
 METHODS = ("fp32", "w8a8", "w4a8-mp", "ort-dynamic-int8", "ort-matmulnbits-4bit",
-           "w8a8-variants-1", "w8a8-variants-4")
+           "fp32-fused-attention", "w8a8-variants-1", "w8a8-variants-4")
+DERIVED = ("ort-dynamic-int8", "ort-matmulnbits-4bit", "fp32-fused-attention")  # from the FP graph
 PLAN_OF = {"w8a8": ("w8a8.json", None), "w4a8-mp": ("mp_w4a8_rules.json", None),
            "w8a8-variants-1": ("w8a8.json", 1), "w8a8-variants-4": ("w8a8.json", 4)}
 
@@ -81,16 +86,17 @@ def export_method(model: str, method: str, root: Path, fp_bundle: Path | None, a
         export_bundle(model, out, log=quiet,
                       quantize={"plan": plan_path, "target": "ort-cpu", "n_calib": args.n_calib,
                                 "calib_steps": args.calib_steps, "fp_bundle": fp_bundle})
-    elif method in ("ort-dynamic-int8", "ort-matmulnbits-4bit"):
-        peer_bundle(fp_bundle, out, method)
+    elif method in DERIVED:
+        derived_bundle(fp_bundle, out, method)
     else:
         raise ValueError(f"unknown method {method}")
     log(f"  {model}/{method}: bundle in {time.perf_counter() - t0:.1f}s")
     return out
 
 
-def peer_bundle(fp_bundle: Path, out: Path, method: str) -> None:
-    """The FP bundle with its denoiser replaced by ONNX Runtime's own quantization of it."""
+def derived_bundle(fp_bundle: Path, out: Path, method: str) -> None:
+    """The FP bundle with its denoiser replaced by ONNX Runtime's own quantization of it, or
+    by the FP graph with fused attention."""
     import onnx
 
     from effgen.exporter.onnx_export import save_with_external_data
@@ -108,6 +114,10 @@ def peer_bundle(fp_bundle: Path, out: Path, method: str) -> None:
                          weight_type=QuantType.QInt8, use_external_data_format=True,
                          extra_options={"MatMulConstBOnly": True})
         model = onnx.load(str(qpath))
+    elif method == "fp32-fused-attention":
+        from effgen.exporter.ort_attention import with_fused_attention
+
+        model, _ = with_fused_attention(onnx.load(str(src)))
     else:
         from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
@@ -121,7 +131,7 @@ def peer_bundle(fp_bundle: Path, out: Path, method: str) -> None:
     manifest = json.loads((tmp / MANIFEST).read_text())
     manifest["files"] = {p.name: sha256_file(p) for p in sorted(tmp.iterdir())
                          if p.is_file() and p.name != MANIFEST}
-    manifest["components"]["denoiser"]["peer_quantizer"] = method
+    manifest["components"]["denoiser"]["derived_by"] = method
     write_json_atomic(tmp / MANIFEST, manifest)
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)
