@@ -64,7 +64,7 @@ from onnx import TensorProto
 from ..calib.bos import first_token_layers
 from ..calib.plan import LayerPrecision, Plan, TARGETS
 from ..calib.targets import effective_precision, int4_block_size
-from .ort_attention import MS_DOMAIN, fuse_attention
+from .ort_attention import fuse_attention, import_ms_domain
 
 LAYER_OPS = ("MatMul", "Gemm", "Conv")
 QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
@@ -1016,15 +1016,15 @@ def lower(model: onnx.ModelProto, plan: Plan, scales: Mapping[str, Any], target:
         if left:
             raise QdqError(f"{left[0]}: a quantized activation that is not an int8 MatMul input "
                            f"cannot take per-group scales on {target}")
-    fused_attention = fuse_attention(graph) if target == "ort-cpu" else 0
+    if target == "ort-cpu":
+        fuse_attention(graph)
     constants_to_initializers(graph)
     graph.cleanup().toposort()
     out = gs.export_onnx(graph)
     out.ir_version = max(model.ir_version, 10)
     del out.opset_import[:]
     out.opset_import.extend(model.opset_import)
-    if fused_attention and not any(op.domain == MS_DOMAIN for op in out.opset_import):
-        out.opset_import.append(onnx.helper.make_opsetid(MS_DOMAIN, 1))
+    import_ms_domain(out)
     for op in out.opset_import:
         if op.domain in ("", "ai.onnx") and op.version < MIN_OPSET:
             op.version = MIN_OPSET
