@@ -1,11 +1,11 @@
 """ONNX Runtime CPU lowering of attention: softmax(q k^T * scale) v, as the TorchScript exporter
 writes diffusers' scaled_dot_product_attention, becomes one com.microsoft.MultiHeadAttention.
 
-Why: the exporter writes attention as nine operators per layer (head Reshape/Transpose of
+Why: the exporter writes attention as 14 operators per layer (head Reshape/Transpose of
 q, k and v, the scale split as sqrt on q and k, MatMul, Softmax, MatMul, Transpose/Reshape
-back), and ONNX Runtime's CPU provider runs the two products as separate batched GEMMs with
-a [batch, heads, tokens, tokens] probability tensor between them; its fused kernel does not
-write that tensor out. Measured on pixart-alpha-512's W8A8 call (`effgen bench --profile`,
+back), plus 8 that compute the scale from q's shape, and ONNX Runtime's CPU provider runs
+the two products as separate batched GEMMs with a [batch, heads, tokens, tokens] probability
+tensor between them; its fused kernel does not write that tensor out. Measured on pixart-alpha-512's W8A8 call (`effgen bench --profile`,
 2 threads, AVX-512 VNNI): its 28 self-attentions take 878 ms fused against about 1,080 ms
 unfused, and attention is a third of the call once the Linear layers run in int8.
 
