@@ -392,7 +392,7 @@ def cmd_plan(args) -> int:
     from .calib.allocate import DEFAULT_TECHNIQUES, plan_model
     from .calib.plan import PlanError, read_plan_file
     from .calib.quantizers import describe
-    from .calib.sensitivity import DEFAULT_CONTENT_RULES
+    from .calib.sensitivity import DEFAULT_METRIC
     from .calib.stats import model_calibration_items
     from .runtime.bundle import write_json_atomic
 
@@ -419,7 +419,8 @@ def cmd_plan(args) -> int:
         content_weight=args.content_weight, allocator=args.allocator, techniques=techniques,
         target=args.target, per_timestep=args.per_timestep, command=command,
         log=_calib_log, n_prompts=args.n_prompts, steps=args.steps, n_calib=args.n_calib,
-        content_rules=args.content_rule or DEFAULT_CONTENT_RULES, use_cache=not args.no_cache,
+        metric=args.metric or DEFAULT_METRIC, content_rules=args.content_rule,
+        use_cache=not args.no_cache,
         calib_items=calib_items if args.prompts is not None else None, device=args.device)
     if args.report is not None:
         from .calib.report import write_report
@@ -446,9 +447,10 @@ def _add_plan_parser(sub) -> None:
         "plan", help="mixed-precision plan: per-layer sensitivity + integer-programming bit allocation",
         description="Measure every layer's sensitivity at each candidate precision (W4/W8 x "
         "A8/A16) over every Linear (block linears, embedders, adaLN, final layer), "
-        "quantized alone for the target: content layers (cross-attention, FFN) by SSIM "
-        "of final images against FP, quality layers by SQNR of the denoiser output (cached under "
-        "$EFFGEN_CACHE or ~/.cache/effgen). Then choose one precision per layer that minimises "
+        "quantized alone for the target: by default by the SQNR of the final samples against FP "
+        "from the same noise (--metric final), or MixDQ's split (--metric decoupled: content "
+        "layers, cross-attention and FFN, by SSIM of final images, the rest by SQNR of the "
+        "denoiser output), cached under $EFFGEN_CACHE or ~/.cache/effgen. Then choose one precision per layer that minimises "
         "the summed normalised loss within the budget (integer program, scipy milp/HiGHS, or "
         "the greedy baseline) and write an effgen.plan/1 file with a resolved `layers` map.")
     pl.add_argument("model", help="model name (pixart = pixart-ref, dit = dit-ref, pixart-tiny, ...)")
@@ -471,8 +473,14 @@ def _add_plan_parser(sub) -> None:
                     help="weight of the content layers' normalised loss (quality layers: 1 - W)")
     pl.add_argument("--per-timestep", action="store_true",
                     help="measure per timestep group and allocate for the worst group")
+    pl.add_argument("--metric", choices=["final", "decoupled"], default=None,
+                    help="final (default): every layer by the SQNR of the final samples, the whole "
+                    "sampler run, so the plan minimises the images' summed noise (PSNR); decoupled: "
+                    "MixDQ's metric decoupling, content layers by final-image SSIM and the rest by "
+                    "the SQNR of single denoiser calls (cheaper: fewer sampler runs)")
     pl.add_argument("--content-rule", action="append", default=None, metavar="REGEX",
-                    help="layers judged by final-image SSIM (repeat; default: \\.attn2\\. and \\.ff\\.)")
+                    help="layers judged by final-image SSIM (repeat; default: none with --metric "
+                    "final, \\.attn2\\. and \\.ff\\. with --metric decoupled)")
     pl.add_argument("--target", choices=["ort-cpu", "trt", "trt-orin"], default="trt",
                     help="target whose effective precision is measured and planned (default trt)")
     pl.add_argument("--techniques-from", type=Path, default=None, metavar="PLAN",

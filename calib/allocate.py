@@ -14,13 +14,16 @@ first, until the budget is used); `allocate_brute_force` enumerates, for tests.
 
 `mixed_precision_plan` turns a measured `Sensitivity` into a plan (effgen.plan/1):
 
-Normalisation. The two families of layers are measured with different metrics (content:
-1 - SSIM of final images; quality: noise/signal power of the denoiser output), so their
-losses are not comparable as they are. Each family's losses are divided by that family's
+Normalisation. Under the "decoupled" metric the two families of layers are measured with
+different metrics (content: 1 - SSIM of final images; quality: noise/signal power of the
+denoiser output), so their losses are not comparable as they are. Each family's losses are divided by that family's
 total loss when every one of its layers takes its worst candidate:
     n[l, c] = loss[l, c] / sum_{l' in family(l)} max_c' loss[l', c'],
 so each family's normalised losses sum to at most 1, and the objective is
     content_weight * sum_{content} n + (1 - content_weight) * sum_{quality} n.
+Under the default "final" metric every layer is a quality layer: one family, whose
+normalised losses are the final samples' noise powers over one constant, so the objective
+is the summed noise of the final images (content_weight has nothing to weigh).
 The score reported per layer and candidate is 1 - n. With per-timestep sensitivities the
 same is done per timestep group and a candidate's normalised loss is its worst group's:
 the plan has one precision per layer for every group (all variants share the weights,
@@ -313,12 +316,15 @@ def mixed_precision_plan(sens, *, weight_bits: float | None = None, weight_mb: f
         "achieved": achieved(sens, result.choice),
         "content_weight": content_weight,
         "normalisation": "loss / (sum over the layer's family of each layer's worst-candidate "
-                         "loss); content: 1 - SSIM, quality: noise/signal power of the denoiser "
-                         "output; score = 1 - normalised loss"
+                         "loss); content: " + _LOSS[sens.meta.get("content_metric", "ssim")]
+                         + ", quality: " + _LOSS[sens.meta.get("quality_metric", "sqnr")]
+                         + "; score = 1 - normalised loss"
                          + ("; per timestep group, worst group" if sens.group_loss else ""),
         "sensitivity": {"key": sens.meta.get("key"), "weights": sens.meta.get("weights"),
+                        "metric": sens.meta.get("metric", "decoupled"),
                         "content_metric": sens.meta.get("content_metric"),
-                        "quality_metric": "sqnr", "n_prompts": sens.meta.get("n_prompts"),
+                        "quality_metric": sens.meta.get("quality_metric", "sqnr"),
+                        "n_prompts": sens.meta.get("n_prompts"),
                         "steps": sens.meta.get("steps"), "content_rules": sens.meta.get("content_rules"),
                         "per_timestep": bool(sens.group_loss)},
         "candidates": labels,
@@ -330,6 +336,11 @@ def mixed_precision_plan(sens, *, weight_bits: float | None = None, weight_mb: f
     plan = {"format": FORMAT, "model": sens.model, "target": sens.target, "layers": layers,
             "techniques": sens.techniques, "budget": budget, "provenance": provenance}
     return plan, result
+
+
+_LOSS = {"ssim": "1 - SSIM of the final images",
+         "final_sqnr": "noise/signal power of the final samples",
+         "sqnr": "noise/signal power of the denoiser output (one call)"}
 
 
 def _label(p: LayerPrecision) -> str:
@@ -363,7 +374,7 @@ def plan_model(denoiser, *, weight_bits: float | None = None, weight_mb: float |
                log=None, **sensitivity_options) -> tuple[dict[str, Any], Any, Allocation]:
     """Measure (or load cached) sensitivities of `denoiser` and allocate: returns
     (plan document, Sensitivity, Allocation). `sensitivity_options` go to
-    `sensitivity.measure_sensitivity` (n_prompts, steps, n_calib, content_rules, ...)."""
+    `sensitivity.measure_sensitivity` (metric, content_rules, n_prompts, steps, n_calib, ...)."""
     from .sensitivity import DEFAULT_CANDIDATES, measure_sensitivity
     from .stats import quantizable_modules
 

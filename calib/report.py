@@ -62,7 +62,11 @@ def _plots(out: Path, sens, plan: dict[str, Any]) -> list[tuple[str, str]]:
     for tick, n in zip(ax.get_xticklabels(), layers):
         tick.set_color(FAMILY_COLOURS[sens.family[n]])
     ax.set_ylabel("normalised loss (log)")
-    ax.set_title("sensitivity per layer and candidate (labels: orange content / SSIM, green quality / SQNR)")
+    metric_of = {"content": sens.meta.get("content_metric"), "quality": sens.meta.get("quality_metric", "sqnr")}
+    colours = {"content": "orange", "quality": "green"}
+    present = [f for f in ("content", "quality") if f in set(sens.family.values())]
+    ax.set_title("sensitivity per layer and candidate (labels: "
+                 + ", ".join(f"{colours[f]} {f} / {metric_of[f]}" for f in present) + ")")
     ax.legend(fontsize=8)
     save(fig, "sensitivity.png", "Normalised loss of each layer quantized alone, per candidate")
 
@@ -123,8 +127,8 @@ def write_report(out_dir: str | Path, sens, plan: dict[str, Any]) -> Path:
 td,th{{border:1px solid #ccc;padding:2px 6px}} pre{{background:#f6f6f6;padding:.5em}}</style></head>
 <body><h1>Mixed-precision plan for {html.escape(plan['model'])} on {html.escape(plan['target'])}</h1>
 <p>Budget: <code>{html.escape(json.dumps(plan.get('budget', {})))}</code>.
-Metric per family: content layers by {html.escape(str(prov['sensitivity']['content_metric']))} of final
-images, quality layers by SQNR of the denoiser output (metric columns: SSIM, or SQNR in dB).</p>
+Sensitivity metric: <code>{html.escape(str(prov['sensitivity'].get('metric')))}</code>, losses as
+the normalisation below says (metric columns: SSIM, or SQNR in dB).</p>
 <pre>{html.escape(json.dumps(summary, indent=2))}</pre>
 {''.join(f'<h2>{html.escape(cap)}</h2><img src="{name}" alt="{html.escape(cap)}">' for name, cap in figures)}
 <h2>Per layer</h2><table>{head}{rows}</table></body></html>

@@ -1,26 +1,43 @@
-"""Metric-decoupled layer sensitivity (ViDiT-Q, MixDQ; DESIGN §6).
+"""Layer sensitivity for mixed precision (MixDQ, ViDiT-Q; DESIGN §6).
 
 For every layer the allocator may quantize and every candidate precision, the layer alone is
 quantized (everything else stays FP) with the scales `calibrate` gives it, and its effect is
-measured with the metric that fits what the layer touches:
+measured against the FP model from the same noise. Two metrics of the final samples and one
+of single denoiser calls:
 
-- content layers (cross-attention `attn2` and the FFN `ff` by default: what is drawn, where,
-  in which colour): SSIM of the final images against the FP images from the same noise,
-  loss = 1 - mean SSIM. A latent model's final samples are not images (they need the VAE)
-  and images under 11 pixels a side have no SSIM window: there the content metric falls
-  back to the SQNR of the final sample, and `meta.content_metric` says so.
-- quality layers (everything else): SQNR of the denoiser output against FP over a fixed
-  batch of (x_t, t, condition) inputs captured from the FP sampler,
-  loss = noise power / signal power = 10^(-SQNR/10). Quantization noises of different
-  layers add in power to first order, which is what lets the allocator sum losses.
+- "ssim": SSIM of the final images, loss = 1 - mean SSIM. A latent model's final samples
+  are not images (they need the VAE) and images under 11 pixels a side have no SSIM window:
+  there it falls back to "final_sqnr", and `meta.content_metric` says so.
+- "final_sqnr": SQNR of the final samples, the whole sampler run with the layer quantized
+  (images clipped to [-1, 1] as the runtime writes them, since PSNR is measured on those:
+  an error in values the clip removes is no error in the picture).
+- "sqnr": SQNR of the denoiser output over a fixed batch of (x_t, t, condition) inputs
+  captured from the FP sampler, one call each (cheaper: no sampler run per layer).
+The two SQNRs give loss = noise power / signal power = 10^(-SQNR/10): quantization noises of
+different layers add in power to first order, which is what lets the allocator sum losses.
 
-Both metrics use one FP sampler run (N calibration prompts, a few sampler steps): its
-final images are the SSIM reference and its denoiser inputs are the SQNR batch. A layer's
-candidates that the target runs at the same effective precision (on TensorRT W4A8 and W4A16
-are both W4A16) are measured once.
+Which layer gets which metric is the `metric` setting (`METRICS`):
+- "decoupled" (MixDQ's metric decoupling): content layers (cross-attention `attn2` and the
+  FFN by default: what is drawn, where, in which colour) by "ssim", the others ("quality"
+  layers) by "sqnr";
+- "final" (the default): every layer by "final_sqnr", so the allocator minimises the summed
+  noise of the final images, which is what PSNR against FP measures. The one-call metric
+  misses how an error grows along the sampler's trajectory: on pixart-ref (trt, `effgen
+  plan`'s 4 prompts and 8 steps) the self-attention query of block 4 at W4 is 53.0 dB at
+  the denoiser output, 12th of the 30 layers "sqnr" judges, and 34.7 dB in the final
+  samples, the third worst of all 66. Measured with samples/quality_table.py at 4.5 bits
+  (README): the "final" plan is 1.5 dB (pixart-ref) and 0.1 dB (dit-ref) higher in PSNR
+  against FP than the "decoupled" one and loses fewer of FP's right images (48 and 36 of
+  1024 against 61 and 42); SSIM 0.0009 higher on pixart-ref and 0.0010 lower on dit-ref.
 
-With `per_timestep`, losses are also measured per timestep group: SQNR over the captured
-steps of each group, SSIM with the layer quantized only during that group's steps.
+One FP sampler run (N calibration prompts, a few sampler steps) is the reference: its final
+samples for the first two metrics, its denoiser inputs for the third. A layer's candidates
+that the target runs at the same effective precision (on TensorRT W4A8 and W4A16 are both
+W4A16) are measured once.
+
+With `per_timestep`, losses are also measured per timestep group: "sqnr" over the captured
+steps of each group, the final-sample metrics with the layer quantized only during that
+group's steps.
 
 Results are cached as JSON next to the statistics cache ($EFFGEN_CACHE or ~/.cache/effgen,
 folder sensitivity/), keyed by model name, weights hash, prompts, sampler, candidates,
@@ -53,8 +70,14 @@ DEFAULT_CANDIDATES: tuple[tuple[int, int], ...] = ((4, 8), (4, 16), (8, 8), (8, 
 # Weight granularity per weight width, as in samples/plans/w4a8.json and w8a8.json.
 W_GRANULARITY = {4: "block32", 8: "per_channel"}
 # Layers whose effect shows in what the image depicts: cross-attention and the FFN (MixDQ's
-# "content" layers); the rest (self-attention, ...) are judged by the output's SQNR.
+# "content" layers, judged by SSIM under the "decoupled" metric).
 DEFAULT_CONTENT_RULES: tuple[str, ...] = (r"\.attn2\.", r"\.ff\.", r"\.mlp\.")  # .mlp.: ECAR's FFN
+# What `effgen plan --metric` names: (quality metric, content rules by default).
+METRICS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "final": ("final_sqnr", ()),  # every layer by the final samples' SQNR
+    "decoupled": ("sqnr", DEFAULT_CONTENT_RULES),  # MixDQ: content by SSIM, the rest one call
+}
+DEFAULT_METRIC = "final"
 SSIM_MIN_SIDE = 11  # metrics.ssim's window
 
 
@@ -67,6 +90,16 @@ def candidate_precision(w_bits: int, a_bits: int) -> LayerPrecision:
         raise SensitivityError(f"candidate W{w_bits}A{a_bits}: weights must be 4 or 8 bits and "
                                "activations 4, 8 or 16")
     return LayerPrecision(w_bits, a_bits, W_GRANULARITY[w_bits], "per_tensor")
+
+
+def metric_settings(metric: str, content_rules: Sequence[str] | None = None
+                    ) -> tuple[str, tuple[str, ...]]:
+    """(quality metric, content rules) of a `METRICS` name; `content_rules` given replace the
+    name's own (their layers are judged by the content metric, the rest by the quality one)."""
+    if metric not in METRICS:
+        raise SensitivityError(f"metric {metric!r} is not one of {', '.join(METRICS)}")
+    quality, rules = METRICS[metric]
+    return quality, tuple(rules if content_rules is None else content_rules)
 
 
 def layer_families(layers: Sequence[str], content_rules: Sequence[str] = DEFAULT_CONTENT_RULES
@@ -341,7 +374,7 @@ def sensitivity_key(doc: dict[str, Any]) -> str:
 @torch.no_grad()
 def measure_sensitivity(denoiser, techniques: dict[str, Any] | None = None, target: str = "trt", *,
                         candidates: Sequence[tuple[int, int]] = DEFAULT_CANDIDATES,
-                        content_rules: Sequence[str] = DEFAULT_CONTENT_RULES,
+                        metric: str = DEFAULT_METRIC, content_rules: Sequence[str] | None = None,
                         per_timestep: bool = False, n_prompts: int = 4, steps: int = 8,
                         guidance: float | None = None, n_calib: int = 32,
                         calib_items: Sequence | None = None, stats=None, device: str | None = None,
@@ -350,10 +383,12 @@ def measure_sensitivity(denoiser, techniques: dict[str, Any] | None = None, targ
                         log: Callable[[str], None] | None = None) -> Sensitivity:
     """Loss of every allocatable layer of `denoiser` at every candidate (w_bits, a_bits),
     quantized alone for `target` with `techniques` (smoothing, act_scale, timestep_grouping,
-    ... of a plan), from the cache when seen before. `n_calib` prompts calibrate the scales
-    (the statistics `effgen calib` uses and caches); `n_prompts` prompts with `steps` sampler
-    steps measure. `calib_items` (calib.stats.calibration_items of a prompt or text states
-    file) replace the default calibration prompts, and their first `n_prompts` measure.
+    ... of a plan), from the cache when seen before. `metric` (a `METRICS` name) says how
+    layers are judged; `content_rules` replace its content rules (`metric_settings`).
+    `n_calib` prompts calibrate the scales (the statistics `effgen calib` uses and caches);
+    `n_prompts` prompts with `steps` sampler steps measure. `calib_items`
+    (calib.stats.calibration_items of a prompt or text states file) replace the default
+    calibration prompts, and their first `n_prompts` measure.
     `device`: where the calibration sampler passes and the measurements run (the model is
     back on the CPU after); scales and GPTQ rounding are computed on the CPU."""
     from tqdm import tqdm
@@ -368,6 +403,7 @@ def measure_sensitivity(denoiser, techniques: dict[str, Any] | None = None, targ
     techniques = dict(techniques or {})
     if n_prompts < 1 or steps < 1:
         raise SensitivityError("sensitivity needs at least one prompt and one sampler step")
+    quality_metric, content_rules = metric_settings(metric, content_rules)
     cands = [candidate_precision(w, a) for w, a in candidates]
     if not cands:
         raise SensitivityError("no candidate precisions")
@@ -385,6 +421,7 @@ def measure_sensitivity(denoiser, techniques: dict[str, Any] | None = None, targ
            "items": items, "steps": steps, "guidance": guidance, "scheduler": spec.scheduler,
            "n_calib": n_calib, "candidates": [p.to_json() for p in cands], "target": target,
            "techniques": techniques, "content_rules": list(content_rules),
+           "quality_metric": quality_metric,
            "per_timestep": per_timestep, "noise_seed": CALIB_SEED, "layers": layers,
            "stats": None if stats is None else stats.meta.get("key"),
            # GPTQ's codes (weight_rounding) come from Hessians of this format
@@ -421,9 +458,12 @@ def measure_sensitivity(denoiser, techniques: dict[str, Any] | None = None, targ
     with on_device(denoiser, device):
         ref = _fp_reference(denoiser, items, steps, guidance)
         fp_images = to_uint8(ref.final.cpu().numpy()) if pixel_images else None
+        final_ref = ref.final.clamp(-1, 1) if pixel_images else ref.final
         G = len(groups) if per_timestep else 0
 
-        def quality_losses(ctx) -> tuple[float, float, list[float]]:
+        def call_losses(ctx) -> tuple[float, float, list[float]]:
+            """The denoiser output's noise ratio over the captured calls: (total, SQNR dB,
+            per group)."""
             noise = np.zeros(len(groups))
             signal = np.zeros(len(groups))
             for call in ref.calls:
@@ -436,18 +476,25 @@ def measure_sensitivity(denoiser, techniques: dict[str, Any] | None = None, targ
             per_group = [float(noise[g] / signal[g]) if signal[g] else 0.0 for g in range(len(groups))]
             return float(total), _ratio_to_db(noise.sum(), signal.sum()), per_group
 
-        def content_loss(ctx) -> tuple[float, float]:
+        def final_loss(ctx, kind: str) -> tuple[float, float]:
+            """(loss, raw metric) of the final samples of a sampler run: 1 - SSIM, or the
+            noise ratio and its SQNR in dB."""
             final = _sample(denoiser, ref.noise, ref.conditions, steps, guidance, on_step=ctx.on_step)
-            if pixel_images:
+            if kind == "ssim":
                 from ..metrics import ssim
 
                 s = float(np.mean(ssim(to_uint8(final.cpu().numpy()), fp_images)))
                 return max(0.0, 1.0 - s), s
-            n_, s_ = _noise_ratio(final, ref.final)
+            if pixel_images:  # the images as the runtime writes them: values outside
+                final = final.clamp(-1, 1)  # [-1, 1] are clipped, so is their noise
+            n_, s_ = _noise_ratio(final, final_ref)
             return n_ / s_, _ratio_to_db(n_, s_)
 
+        # The metric of each layer: its family's; only "sqnr" replays single calls.
+        layer_metric = {n: content_metric if family[n] == "content" else quality_metric for n in layers}
+        sampled = {n for n in layers if layer_metric[n] != "sqnr"}
         loss = {n: [0.0] * len(cands) for n in layers}
-        metric = {n: [0.0] * len(cands) for n in layers}
+        raw_metric = {n: [0.0] * len(cands) for n in layers}
         group_loss = {n: [[0.0] * len(cands) for _ in range(G)] for n in layers} if per_timestep else None
         # Candidates of a layer with one effective precision are measured once.
         work = []
@@ -456,34 +503,34 @@ def measure_sensitivity(denoiser, techniques: dict[str, Any] | None = None, targ
             for c, e in enumerate(effective[n]):
                 firsts.setdefault(e, c)
             work.append((n, firsts))
-        units = sum(len(f) * (1 + (G if family[n] == "content" else 0)) for n, f in work)
+        units = sum(len(f) * (1 + (G if n in sampled else 0)) for n, f in work)
         with tqdm(total=units, desc=f"sensitivity ({spec.name}, {target})", unit="run",
                   file=sys.stderr, disable=not progress) as bar:
             for n, firsts in work:
                 for e, c0 in firsts.items():
                     plan, scales = calibrated[c0]
                     if e.is_fp:
-                        values = (0.0, float("inf") if family[n] == "quality" or not pixel_images else 1.0,
+                        values = (0.0, 1.0 if layer_metric[n] == "ssim" else float("inf"),
                                   [0.0] * len(groups))
-                        bar.update(1 + (G if family[n] == "content" else 0))
-                    elif family[n] == "quality":
+                        bar.update(1 + (G if n in sampled else 0))
+                    elif n not in sampled:
                         with quantized_alone(denoiser, plan, scales, n) as ctx:
-                            values = quality_losses(ctx)
+                            values = call_losses(ctx)
                         bar.update(1)
                     else:
                         with quantized_alone(denoiser, plan, scales, n) as ctx:
-                            total, raw = content_loss(ctx)
+                            total, raw = final_loss(ctx, layer_metric[n])
                         bar.update(1)
                         per_group = []
                         for g in range(G):
                             with quantized_alone(denoiser, plan, scales, n, group=g) as ctx:
-                                per_group.append(content_loss(ctx)[0])
+                                per_group.append(final_loss(ctx, layer_metric[n])[0])
                             bar.update(1)
                         values = (total, raw, per_group)
                     for c, e2 in enumerate(effective[n]):
                         if e2 != e:
                             continue
-                        loss[n][c], metric[n][c] = values[0], values[1]
+                        loss[n][c], raw_metric[n][c] = values[0], values[1]
                         if group_loss is not None:
                             for g in range(G):
                                 group_loss[n][g][c] = values[2][g]
@@ -492,14 +539,15 @@ def measure_sensitivity(denoiser, techniques: dict[str, Any] | None = None, targ
     allocatable_bytes = sum(modules[n].weight.numel() for n in layers) * fp_bytes(target)
     result = Sensitivity(
         model=spec.name, target=target, candidates=cands, layers=layers, family=family,
-        loss=loss, metric=metric, effective=effective,
+        loss=loss, metric=raw_metric, effective=effective,
         params={n: int(modules[n].weight.numel()) for n in layers},
         weight_shape={n: list(modules[n].weight.shape) for n in layers},
         act_elems=act_elems,
         kind={n: module_kind(modules[n]) for n in layers},
         other_weight_bytes=int(weight_bytes(denoiser, None, target) - allocatable_bytes),
         techniques=techniques, timestep_groups=[tuple(g) for g in groups], group_loss=group_loss,
-        meta={"key": key, "content_metric": content_metric, "quality_metric": "sqnr",
+        meta={"key": key, "metric": metric, "content_metric": content_metric,
+              "quality_metric": quality_metric,
               "n_prompts": n_prompts, "steps": steps, "guidance": guidance,
               "sampler_timesteps": ref.timesteps, "content_rules": list(content_rules),
               "statistics": stats.meta.get("key"), "weights": doc["weights"],

@@ -70,7 +70,8 @@ def test_measure_sensitivity_on_pixart_tiny_is_cached_and_per_group(pixart_tiny,
 
     d = pixart_tiny
     logs = []
-    kw = dict(per_timestep=True, n_prompts=2, steps=4, n_calib=2, cache=cache_dir, progress=False)
+    kw = dict(metric="decoupled", per_timestep=True, n_prompts=2, steps=4, n_calib=2,
+              cache=cache_dir, progress=False)
     tech = {"timestep_grouping": {"k": 2}}
     sens = measure_sensitivity(d, tech, "trt", log=logs.append, **kw)
     # every quantizable Linear: the block linears and the conditioning layers uniform plans
@@ -81,6 +82,8 @@ def test_measure_sensitivity_on_pixart_tiny_is_cached_and_per_group(pixart_tiny,
     assert all(any(re.search(p, n) for n in sens.layers)
                for p in (r"adaln_single\.linear$", r"proj_out", r"caption_projection"))
     assert sens.meta["content_metric"] == "final_sqnr"  # latent samples: no SSIM
+    assert sens.meta["quality_metric"] == "sqnr"
+    assert {sens.family[n] for n in sens.layers} == {"content", "quality"}
     labels = [(p.w_bits, p.a_bits) for p in sens.candidates]
     assert labels == [(4, 8), (4, 16), (8, 8), (8, 16)]
     for n in sens.layers:
@@ -110,6 +113,53 @@ def test_measure_sensitivity_on_pixart_tiny_is_cached_and_per_group(pixart_tiny,
     monkeypatch.setattr(S, "allocatable_layers", lambda _d: fewer)
     subset = measure_sensitivity(d, tech, "trt", **kw)
     assert subset.layers == fewer and subset.meta["key"] != sens.meta["key"]
+
+
+def test_final_metric_is_the_noise_ratio_of_the_final_samples_with_the_layer_alone_quantized(
+        pixart_tiny, cache_dir):
+    """The default metric: every layer's loss is the noise/signal power of the final samples
+    of the whole sampler run with that layer alone at the candidate, against FP's."""
+    from effgen.calib.calibrate import calibrate
+    from effgen.calib.sensitivity import SensitivityError, measure_sensitivity, quantized_alone
+    from effgen.calib.stats import CALIB_SEED, calibration_items, model_conditions
+    from effgen.models.sampling import sample
+    from effgen.runtime.pipeline import initial_noise
+
+    d = pixart_tiny
+    tech = {"timestep_grouping": {"k": 1}}
+    kw = dict(n_prompts=2, steps=3, n_calib=2, cache=cache_dir, progress=False)
+    sens = measure_sensitivity(d, tech, "trt", **kw)
+    assert (sens.meta["metric"], sens.meta["quality_metric"]) == ("final", "final_sqnr")
+    assert set(sens.family.values()) == {"quality"}
+    decoupled = measure_sensitivity(d, tech, "trt", metric="decoupled", **kw)
+    assert decoupled.meta["key"] != sens.meta["key"]
+
+    layer = "transformer.transformer_blocks.1.attn1.to_q"  # one-call SQNR there, final here
+    assert decoupled.family[layer] == "quality" and decoupled.loss[layer][1] != sens.loss[layer][1]
+    spec = d.spec
+    items = calibration_items(spec, 2)
+    noise = initial_noise((spec.in_channels, spec.sample_size, spec.sample_size), CALIB_SEED, 2)
+    cond, uncond, cmask, umask = model_conditions(d, items)
+
+    def final(ctx=None):
+        return sample(d, noise, cond, uncond, spec.scheduler, 3, spec.guidance, cmask, umask,
+                      on_step=None if ctx is None else ctx.on_step)
+
+    with torch.no_grad():
+        ref = final()
+        for c in (1, 3):  # W4A16 and W8A16, each calibrated as the measurement calibrates it
+            w, a = sens.candidates[c].w_bits, sens.candidates[c].a_bits
+            plan, scales = calibrate(d, {"format": FORMAT, "target": "trt", "techniques": tech,
+                                         "layers": {n: sens.candidates[c].to_json() for n in sens.layers}},
+                                     "trt", n_calib=2, cache=cache_dir, progress=False)
+            with quantized_alone(d, plan, scales, layer) as ctx:
+                q = final(ctx)
+            ratio = float(((q - ref) ** 2).sum() / (ref ** 2).sum())
+            assert sens.loss[layer][c] == pytest.approx(ratio, rel=1e-4), (w, a)
+            assert sens.metric[layer][c] == pytest.approx(-10 * np.log10(ratio), abs=1e-3)
+    assert sens.loss[layer][3] < sens.loss[layer][1]
+    with pytest.raises(SensitivityError, match="metric 'psnr' is not one of final, decoupled"):
+        measure_sensitivity(d, tech, "trt", metric="psnr", **kw)
 
 
 def _average_weight_bits(denoiser, plan):
@@ -142,7 +192,9 @@ def test_effgen_plan_writes_a_plan_that_loads_and_meets_the_budget_and_a_report(
     prov = raw["provenance"]
     assert prov["command"] == "effgen " + " ".join(argv)
     assert prov["allocator"] == "ilp" and prov["solver_status"] == "optimal"
-    assert prov["sensitivity"]["content_metric"] == "ssim"
+    # the default metric: every layer by the final images' SQNR (one family)
+    assert (prov["sensitivity"]["metric"], prov["sensitivity"]["quality_metric"]) == ("final", "final_sqnr")
+    assert {s["family"] for s in prov["scores"].values()} == {"quality"}
     # default activation budget: what uniform W4A8 runs at on TensorRT (weight-only INT4: 16)
     assert raw["budget"] == {"weight_bits": 4.5, "act_bits": 16.0}
 
@@ -170,6 +222,19 @@ def test_effgen_plan_writes_a_plan_that_loads_and_meets_the_budget_and_a_report(
     assert g["allocator"] == "greedy"
     assert g["objective"] >= prov["objective"] - 1e-9  # the ILP is optimal
     assert g["achieved"]["weight_bits"] <= 4.5 + 1e-9
+
+    # MixDQ's metric decoupling: cross-attention and FFN by final-image SSIM, the rest by the
+    # denoiser output's SQNR
+    decoupled = tmp_path / "decoupled.json"
+    assert main(["plan", "pixart-ref", "--weight-bits", "4.5", "--metric", "decoupled",
+                 "--out", str(decoupled), *FAST]) == 0
+    dp = json.loads(decoupled.read_text())["provenance"]
+    assert (dp["sensitivity"]["metric"], dp["sensitivity"]["content_metric"],
+            dp["sensitivity"]["quality_metric"]) == ("decoupled", "ssim", "sqnr")
+    families = {n: s["family"] for n, s in dp["scores"].items()}
+    assert families["transformer.transformer_blocks.0.attn2.to_k"] == "content"
+    assert families["transformer.transformer_blocks.0.ff.net.2"] == "content"
+    assert families["transformer.transformer_blocks.0.attn1.to_q"] == "quality"
 
 
 def test_effgen_plan_infeasible_budget_is_one_line_and_writes_nothing(tmp_path, cache_dir,
