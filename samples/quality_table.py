@@ -26,8 +26,8 @@ Methods:
            quantized), calibrated on the same prompts and trajectories; skipped, with the
            reason, where nvidia-modelopt does not import or run.
   mp-w4.5a8, mp-w4.0a8, mp-w4.5a8-nobos, greedy-w4.5a8: plans made here by `effgen plan`'s
-           API (calib.allocate.plan_model): per-layer sensitivity (SSIM for cross-attention
-           and FFN, SQNR for the rest), then W4/W8 x A8/A16 per Linear (block linears,
+           API (calib.allocate.plan_model): per-layer sensitivity (its default metric: the
+           final samples' SQNR for every layer), then W4/W8 x A8/A16 per Linear (block linears,
            adaLN, timestep/caption embedders, final layer) within an average of 4.5 (4.0) weight
            bits by the integer program (greedy: most sensitive layers to 8 bits first),
            activation bits as the target runs them no more than uniform W4A8's (on trt: W8
@@ -36,8 +36,11 @@ Methods:
            At 4.0 bits every Linear is W4 (no candidate has fewer bits): the row differs
            from vidit-w4a8 by the conditioning layers, W4 here and FP there.
            Sensitivities are cached under $EFFGEN_CACHE, so rows sharing techniques measure once.
-  mp-w4.5a8-sqnr-only, mp-w4.5a8-ssim-only (on request): mp-w4.5a8 with every layer judged by
-           one metric (the denoiser output's SQNR; final-image SSIM), against the default split.
+  mp-w4.5a8-decoupled: mp-w4.5a8 with MixDQ's metric decoupling (`effgen plan --metric
+           decoupled`: SSIM of final images for cross-attention and FFN, the denoiser
+           output's SQNR for the rest).
+  mp-w4.5a8-sqnr-only, mp-w4.5a8-ssim-only (on request): every layer judged by the denoiser
+           output's SQNR, or by final-image SSIM.
 acc_lost / acc_gained ("-/+" in the printed table): images FP shows right and the method
 wrong, and the reverse (metrics.evaluate); the accuracy difference is their difference / N.
 weight_ratio: weight bytes / FP's on the target; weight_ratio_w8a8: / uniform W8A8's.
@@ -65,16 +68,18 @@ ROOT = Path(__file__).resolve().parents[1]
 PLANS = ROOT / "samples" / "plans"
 MODELS = ("pixart-ref", "dit-ref")
 # Mixed precision planned in-process by effgen.calib.allocate.plan_model (`effgen plan`):
-# method -> (average weight bits, allocator, BOS-aware, content rules: None = the default
-# metric split, () = every layer by SQNR, (".",) = every layer by SSIM); activation budget 8 bits.
+# method -> (average weight bits, allocator, BOS-aware, sensitivity options: metric and
+# content rules, sensitivity.metric_settings; {} = effgen plan's defaults).
+DECOUPLED = {"metric": "decoupled"}
 MP_METHODS = {
-    "mp-w4.5a8": (4.5, "ilp", True, None),
-    "mp-w4.0a8": (4.0, "ilp", True, None),
-    "mp-w4.5a8-nobos": (4.5, "ilp", False, None),
-    "greedy-w4.5a8": (4.5, "greedy", True, None),
-    # On request: the metric decoupling against either metric alone (same budget and solver).
-    "mp-w4.5a8-sqnr-only": (4.5, "ilp", True, ()),
-    "mp-w4.5a8-ssim-only": (4.5, "ilp", True, (".",)),
+    "mp-w4.5a8": (4.5, "ilp", True, {}),
+    "mp-w4.0a8": (4.0, "ilp", True, {}),
+    "mp-w4.5a8-nobos": (4.5, "ilp", False, {}),
+    "greedy-w4.5a8": (4.5, "greedy", True, {}),
+    "mp-w4.5a8-decoupled": (4.5, "ilp", True, DECOUPLED),
+    # On request: every layer by one of the decoupled metrics (same budget and solver).
+    "mp-w4.5a8-sqnr-only": (4.5, "ilp", True, {**DECOUPLED, "content_rules": ()}),
+    "mp-w4.5a8-ssim-only": (4.5, "ilp", True, {**DECOUPLED, "content_rules": (".",)}),
 }
 # On request: samples/plans/mp_w4a8_rules.json, vidit-w8a8 with the MSE activation-scale
 # search instead of min-max (why the sample plans use min-max), and the metric ablations.
@@ -104,10 +109,9 @@ def mixed_precision_plan(fp, method: str, stats, calib_items, args, log) -> dict
     rows sharing the techniques measure once)."""
     from effgen.calib.allocate import DEFAULT_TECHNIQUES, plan_model
 
-    weight_bits, allocator, bos, content_rules = MP_METHODS[method]
+    weight_bits, allocator, bos, metric = MP_METHODS[method]
     techniques = {**DEFAULT_TECHNIQUES, "bos_aware": bos}
-    rules = {} if content_rules is None else {"content_rules": content_rules}
-    plan, _, result = plan_model(fp, weight_bits=weight_bits, allocator=allocator, **rules,
+    plan, _, result = plan_model(fp, weight_bits=weight_bits, allocator=allocator, **metric,
                                  techniques=techniques, target=args.target, stats=stats,
                                  n_calib=args.n_calib, n_prompts=args.sensitivity_prompts,
                                  calib_items=calib_items if args.calib_prompts else None,
