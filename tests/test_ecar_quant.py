@@ -173,20 +173,26 @@ def test_cli_quantized_ecar_export_check_and_generate(tmp_path, monkeypatch, cap
 
 def test_mixed_precision_plan_for_ecar_allocates_both_components_and_exports(model, tmp_path,
                                                                             monkeypatch):
-    """`effgen plan`'s machinery on ECAR: sensitivities from replaying the captured ar/head
-    calls (SQNR) and the stage loop's final images (SSIM, the FFN `.mlp.` layers), an ILP plan
-    at 4.5 weight bits over both components, which exports and checks."""
+    """`effgen plan`'s machinery on ECAR: sensitivities from the stage loop's final images
+    (the default metric, every layer), and with MixDQ's split from replaying the captured
+    ar/head calls (SQNR) and the final images (SSIM, the FFN `.mlp.` layers); an ILP plan at
+    4.5 weight bits over both components, which exports and checks."""
     from effgen.calib.allocate import DEFAULT_TECHNIQUES, plan_model
-    from effgen.calib.sensitivity import allocatable_layers
+    from effgen.calib.sensitivity import allocatable_layers, measure_sensitivity
 
     monkeypatch.setenv("EFFGEN_CACHE", str(tmp_path / "cache"))
     plan, sens, result = plan_model(model, weight_bits=4.5, techniques=dict(DEFAULT_TECHNIQUES),
                                     target="trt", n_prompts=2, n_calib=4, progress=False)
     layers = allocatable_layers(model)
     assert {n.split(".")[0] for n in layers} == {"ar", "head"} and "ar.blocks.0.ada" in layers
-    assert sens.family["head.blocks.0.mlp.fc1"] == "content"
-    assert sens.family["ar.blocks.1.attn.qkv"] == "quality"
+    assert set(sens.family.values()) == {"quality"} and sens.meta["quality_metric"] == "final_sqnr"
     assert sens.meta["sampler_timesteps"] == [0, 1, 2]  # the stages
+    decoupled = measure_sensitivity(model, dict(DEFAULT_TECHNIQUES), "trt", metric="decoupled",
+                                    n_prompts=2, n_calib=4, progress=False)
+    assert decoupled.family["head.blocks.0.mlp.fc1"] == "content"
+    assert decoupled.family["ar.blocks.1.attn.qkv"] == "quality"
+    n = "ar.blocks.1.attn.qkv"  # one-call SQNR there, the final images' here
+    assert decoupled.loss[n] != sens.loss[n] and decoupled.loss[n][1] > 0
     w4a16, w8a16 = (next(i for i, c in enumerate(sens.candidates) if (c.w_bits, c.a_bits) == wa)
                     for wa in ((4, 16), (8, 16)))
     for n in layers:  # every layer measured; W4 costs more than W8 at the same activations
