@@ -450,9 +450,10 @@ def _add_plan_parser(sub) -> None:
         "quantized alone for the target: by default by the SQNR of the final samples against FP "
         "from the same noise (--metric final), or MixDQ's split (--metric decoupled: content "
         "layers, cross-attention and FFN, by SSIM of final images, the rest by SQNR of the "
-        "denoiser output), cached under $EFFGEN_CACHE or ~/.cache/effgen. Then choose one precision per layer that minimises "
-        "the summed normalised loss within the budget (integer program, scipy milp/HiGHS, or "
-        "the greedy baseline) and write an effgen.plan/1 file with a resolved `layers` map.")
+        "denoiser output), cached under $EFFGEN_CACHE or ~/.cache/effgen. Then choose one "
+        "precision per layer that minimises the summed normalised loss within the budget "
+        "(integer program, scipy milp/HiGHS, or the greedy baseline) and write an "
+        "effgen.plan/1 file with a resolved `layers` map.")
     pl.add_argument("model", help="model name (pixart = pixart-ref, dit = dit-ref, pixart-tiny, ...)")
     budget = pl.add_mutually_exclusive_group(required=True)
     budget.add_argument("--weight-bits", type=float, default=None,

@@ -16,8 +16,8 @@ first, until the budget is used); `allocate_brute_force` enumerates, for tests.
 
 Normalisation. Under the "decoupled" metric the two families of layers are measured with
 different metrics (content: 1 - SSIM of final images; quality: noise/signal power of the
-denoiser output), so their losses are not comparable as they are. Each family's losses are divided by that family's
-total loss when every one of its layers takes its worst candidate:
+denoiser output), so their losses are not comparable as they are. Each family's losses are
+divided by that family's total loss when every one of its layers takes its worst candidate:
     n[l, c] = loss[l, c] / sum_{l' in family(l)} max_c' loss[l', c'],
 so each family's normalised losses sum to at most 1, and the objective is
     content_weight * sum_{content} n + (1 - content_weight) * sum_{quality} n.

@@ -62,7 +62,8 @@ def _plots(out: Path, sens, plan: dict[str, Any]) -> list[tuple[str, str]]:
     for tick, n in zip(ax.get_xticklabels(), layers):
         tick.set_color(FAMILY_COLOURS[sens.family[n]])
     ax.set_ylabel("normalised loss (log)")
-    metric_of = {"content": sens.meta.get("content_metric"), "quality": sens.meta.get("quality_metric", "sqnr")}
+    metric_of = {"content": sens.meta.get("content_metric"),
+                 "quality": sens.meta.get("quality_metric", "sqnr")}
     colours = {"content": "orange", "quality": "green"}
     present = [f for f in ("content", "quality") if f in set(sens.family.values())]
     ax.set_title("sensitivity per layer and candidate (labels: "

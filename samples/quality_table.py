@@ -109,9 +109,9 @@ def mixed_precision_plan(fp, method: str, stats, calib_items, args, log) -> dict
     rows sharing the techniques measure once)."""
     from effgen.calib.allocate import DEFAULT_TECHNIQUES, plan_model
 
-    weight_bits, allocator, bos, metric = MP_METHODS[method]
+    weight_bits, allocator, bos, options = MP_METHODS[method]
     techniques = {**DEFAULT_TECHNIQUES, "bos_aware": bos}
-    plan, _, result = plan_model(fp, weight_bits=weight_bits, allocator=allocator, **metric,
+    plan, _, result = plan_model(fp, weight_bits=weight_bits, allocator=allocator, **options,
                                  techniques=techniques, target=args.target, stats=stats,
                                  n_calib=args.n_calib, n_prompts=args.sensitivity_prompts,
                                  calib_items=calib_items if args.calib_prompts else None,
