@@ -115,17 +115,22 @@ def test_measure_sensitivity_on_pixart_tiny_is_cached_and_per_group(pixart_tiny,
     assert subset.layers == fewer and subset.meta["key"] != sens.meta["key"]
 
 
+@pytest.mark.parametrize("model", ["pixart-tiny", "pixart-ref"])
 def test_final_metric_is_the_noise_ratio_of_the_final_samples_with_the_layer_alone_quantized(
-        pixart_tiny, cache_dir):
+        model, pixart_tiny, cache_dir):
     """The default metric: every layer's loss is the noise/signal power of the final samples
-    of the whole sampler run with that layer alone at the candidate, against FP's."""
+    of the whole sampler run with that layer alone at the candidate, against FP's; for a
+    pixel-space model (pixart-ref) of the images clipped to [-1, 1] as the runtime writes
+    them, for a latent one (pixart-tiny) of the latents as they are."""
     from effgen.calib.calibrate import calibrate
     from effgen.calib.sensitivity import SensitivityError, measure_sensitivity, quantized_alone
     from effgen.calib.stats import CALIB_SEED, calibration_items, model_conditions
+    from effgen.models.denoiser import load_denoiser
     from effgen.models.sampling import sample
     from effgen.runtime.pipeline import initial_noise
 
-    d = pixart_tiny
+    d = pixart_tiny if model == "pixart-tiny" else load_denoiser(model)
+    assert d.spec.latent_space == (model == "pixart-tiny")
     tech = {"timestep_grouping": {"k": 1}}
     kw = dict(n_prompts=2, steps=3, n_calib=2, cache=cache_dir, progress=False)
     sens = measure_sensitivity(d, tech, "trt", **kw)
@@ -142,20 +147,20 @@ def test_final_metric_is_the_noise_ratio_of_the_final_samples_with_the_layer_alo
     cond, uncond, cmask, umask = model_conditions(d, items)
 
     def final(ctx=None):
-        return sample(d, noise, cond, uncond, spec.scheduler, 3, spec.guidance, cmask, umask,
-                      on_step=None if ctx is None else ctx.on_step)
+        x = sample(d, noise, cond, uncond, spec.scheduler, 3, spec.guidance, cmask, umask,
+                   on_step=None if ctx is None else ctx.on_step)
+        return x if spec.latent_space else x.clamp(-1, 1)
 
     with torch.no_grad():
         ref = final()
         for c in (1, 3):  # W4A16 and W8A16, each calibrated as the measurement calibrates it
-            w, a = sens.candidates[c].w_bits, sens.candidates[c].a_bits
             plan, scales = calibrate(d, {"format": FORMAT, "target": "trt", "techniques": tech,
                                          "layers": {n: sens.candidates[c].to_json() for n in sens.layers}},
                                      "trt", n_calib=2, cache=cache_dir, progress=False)
             with quantized_alone(d, plan, scales, layer) as ctx:
                 q = final(ctx)
             ratio = float(((q - ref) ** 2).sum() / (ref ** 2).sum())
-            assert sens.loss[layer][c] == pytest.approx(ratio, rel=1e-4), (w, a)
+            assert sens.loss[layer][c] == pytest.approx(ratio, rel=1e-4), sens.candidates[c]
             assert sens.metric[layer][c] == pytest.approx(-10 * np.log10(ratio), abs=1e-3)
     assert sens.loss[layer][3] < sens.loss[layer][1]
     with pytest.raises(SensitivityError, match="metric 'psnr' is not one of final, decoupled"):
