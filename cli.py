@@ -186,6 +186,7 @@ def cmd_eval(args) -> int:
                              guidance=args.guidance)
     shown = {"psnr": "PSNR vs reference (dB)", "ssim": "SSIM vs reference",
              "fd": "Frechet distance vs real", "attr_acc": "shape+colour+position acc",
+             "attr_acc_heldout": "same, unseen combinations",
              "class_acc": "shape+colour acc", "n_images": "images"}
     print(f"{result['model']} ({args.bundle}), {result['steps']} steps, guidance "
           f"{result['guidance']:g}, seed {args.seed}")

@@ -217,7 +217,9 @@ def evaluate(images: np.ndarray, reference_images: np.ndarray | None = None,
     a metric without its input is None:
     `psnr`, `ssim`: means over images against `reference_images` (same noise, FP model);
     `fd`: Fréchet distance of classifier features against `real_images`;
-    `attr_acc`: against `attrs` (text-conditioned models); `class_acc`: against `class_ids`;
+    `attr_acc`: against `attrs` (text-conditioned models); `attr_acc_heldout`: the same over
+    the images whose attrs ask for a combination training never showed (None without any);
+    `class_acc`: against `class_ids`;
     `acc_by_attribute`: each attribute's accuracy (with attrs or class ids);
     `shape_confusion`: shape asked x shape read, counts (with attrs or class ids);
     `acc_lost`, `acc_gained` (with reference images and attrs or class ids): images the
@@ -227,7 +229,7 @@ def evaluate(images: np.ndarray, reference_images: np.ndarray | None = None,
     `n_images`. The mean PSNR is inf when an image equals its reference exactly."""
     images = np.asarray(images)
     result: dict[str, Any] = {"psnr": None, "ssim": None, "fd": None, "attr_acc": None,
-                              "class_acc": None, "acc_by_attribute": None, "shape_confusion": None,
+                              "attr_acc_heldout": None, "class_acc": None, "acc_by_attribute": None, "shape_confusion": None,
                               "acc_lost": None, "acc_gained": None, "n_images": int(len(images))}
     if reference_images is not None:
         result["psnr"] = float(np.mean(psnr(images, reference_images)))
@@ -241,7 +243,10 @@ def evaluate(images: np.ndarray, reference_images: np.ndarray | None = None,
 
         predicted = predict(images)
         if attrs is not None:
-            result["attr_acc"] = attribute_accuracy(images, attrs, predicted)
+            ok = attributes_right(images, attrs, predicted)
+            held = np.array([refdata.is_heldout(a) for a in attrs], bool)
+            result["attr_acc"] = float(ok.mean())
+            result["attr_acc_heldout"] = float(ok[held].mean()) if held.any() else None
             wanted = refdata.labels_of(list(attrs))
         else:
             shape, colour = np.divmod(np.asarray(class_ids, np.int64), len(refdata.COLOURS))

@@ -97,6 +97,11 @@ def _triple(a: Attributes) -> tuple[str, str, str]:
     return (a.shape, a.colour, f"{a.row} {a.col}")
 
 
+def is_heldout(a: Attributes, seed: int = 0) -> bool:
+    """Does `a` ask for a shape/colour/position combination that training never shows?"""
+    return _triple(a) in heldout_triples(seed)
+
+
 def split(name: str, seed: int = 0) -> list[Attributes]:
     """Attribute combinations of a split: "train" excludes the held-out triples, "heldout" is
     exactly them."""

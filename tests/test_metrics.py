@@ -261,6 +261,31 @@ def test_accuracy_by_attribute_names_what_a_picture_gets_wrong():
 
 
 @needs_classifier
+def test_heldout_accuracy_scores_only_the_unseen_combinations():
+    """attr_acc_heldout counts the images whose prompt asks for a combination training never
+    showed: asking other colours of the seen pictures costs attr_acc, not it."""
+    import dataclasses
+
+    from effgen.metrics import evaluate
+
+    seen, seen_attrs = refdata.make_dataset(16, "train", seed=6)
+    held, held_attrs = refdata.make_dataset(16, "heldout", seed=6)
+    assert not any(map(refdata.is_heldout, seen_attrs)) and all(map(refdata.is_heldout, held_attrs))
+    colours = list(refdata.COLOURS)
+    # a recoloured seen prompt may itself be a held-out combination: keep only those that stay seen
+    recoloured = [dataclasses.replace(a, colour=colours[(colours.index(a.colour) + 1) % len(colours)])
+                  for a in seen_attrs]
+    keep = [i for i, a in enumerate(recoloured) if not refdata.is_heldout(a)]
+    assert len(keep) >= 8
+    images = np.concatenate([seen[keep], held])
+    r = evaluate(images, attrs=[recoloured[i] for i in keep] + held_attrs)
+    assert r["attr_acc_heldout"] >= 0.9
+    assert r["attr_acc"] == pytest.approx(r["attr_acc_heldout"] * 16 / len(images))
+    assert evaluate(seen, attrs=seen_attrs)["attr_acc_heldout"] is None
+    assert evaluate(seen, class_ids=[a.class_id for a in seen_attrs])["attr_acc_heldout"] is None
+
+
+@needs_classifier
 def test_accuracy_flips_against_the_reference_pair_images():
     """acc_lost / acc_gained count images, paired with the reference's: pictures of other
     prompts in place of six right ones lose about six and gain none, and the accuracy
