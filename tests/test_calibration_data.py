@@ -246,9 +246,15 @@ def test_statistics_and_hessians_on_cuda_match_the_cpu():
             a, b = getattr(cpu, field)[name], getattr(gpu, field)[name]
             assert b.device.type == "cpu"
             torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-4)
+    # A Hessian sums x xT over every calibration row in float32, so its error is relative to
+    # its largest entries, not to each one: measured on an H200, the GPU's pixart-tiny
+    # Hessians are 7e-6 from the CPU's (Frobenius, relative), while single small entries
+    # differ by up to 0.3% (2.6e-3 where the largest is 3,318).
     for name in linears:
         assert h_gpu[name].device.type == "cpu"
-        torch.testing.assert_close(h_gpu[name], h_cpu[name], rtol=1e-3, atol=1e-4)
+        scale = h_cpu[name].abs().max().item()
+        torch.testing.assert_close(h_gpu[name], h_cpu[name], rtol=0, atol=1e-5 * scale)
+        assert ((h_gpu[name] - h_cpu[name]).norm() / h_cpu[name].norm()).item() < 1e-4
 
 
 def test_calibration_data_sample_scores_both_kinds_of_states(tmp_path, capsys, sample_script):
