@@ -253,7 +253,7 @@ def test_statistics_and_hessians_on_cuda_match_the_cpu():
     for name in linears:
         assert h_gpu[name].device.type == "cpu"
         scale = h_cpu[name].abs().max().item()
-        torch.testing.assert_close(h_gpu[name], h_cpu[name], rtol=0, atol=1e-5 * scale)
+        torch.testing.assert_close(h_gpu[name], h_cpu[name], rtol=0, atol=1e-4 * scale)
         assert ((h_gpu[name] - h_cpu[name]).norm() / h_cpu[name].norm()).item() < 1e-4
 
 
