@@ -21,8 +21,8 @@ launches: 26 ms alone, about 2 ms of it arithmetic):
 drawing the 600,000 pictures took 63 s). This last run took pixart-ref's attr_acc from 0.54 to
 0.96 and dit-ref's class accuracy from 0.36 to 0.53 (`effgen eval`, 256 images).
 
-On the 2-core development machine, at batch 48 with --threads 1, a step takes ~0.8 s (pixart-ref) and ~0.65 s (dit-ref): ~4,500
-steps an hour.
+On the 2-core development machine, at batch 48 with --threads 1, a step takes ~0.8 s
+(pixart-ref) and ~0.65 s (dit-ref): ~4,500 steps an hour.
 
 Seeded and reproducible for a given --steps (a --minutes budget stops at a step count that
 depends on the machine; the step count reached is stored in the checkpoint's metadata,
