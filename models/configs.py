@@ -153,11 +153,10 @@ _SPECS = [
     # They predict v, not epsilon: at the first step of a sampler (alpha_bar ~ 4e-5) an
     # epsilon model's x0 estimate divides its error by sqrt(alpha_bar) ~ 0.006, which a small,
     # briefly trained model cannot afford (measured: x0 estimates of +-200 from pure noise).
-    # Guidance: the setting of least fd (samples/guidance_sweep.py, 256 images, 1 to 6);
-    # there the accuracy is as good as anywhere, within the noise (pixart-ref attr_acc 0.51-0.54
-    # from 1.5 to 4, 0.47 at 1 and 6; dit-ref class_acc 0.33-0.38 throughout). pixart-ref at
-    # 2.0: fd 282, attr_acc 0.54 (at 4.0, the default until then, 439 and 0.54); dit-ref at
-    # 1.5: fd 538, class_acc 0.36 (at 3.0: 1,523 and 0.34). ECAR's accuracy does rise with guidance, so it keeps its fd minimum, 3.0.
+    # Guidance: the setting of least fd (samples/guidance_sweep.py, 1 to 6; README, Reference
+    # models). pixart-ref at 2.0: fd 63.8, attr_acc 0.956 over 1024 images (at 1.5, the least
+    # fd over 256 images: 66.6 and 0.945); dit-ref at 1.5: fd 346, class_acc 0.53 over 256
+    # (stronger guidance buys accuracy with fd: 0.61 at 3.0, fd 651). ECAR's fd is least at 3.0.
     ModelSpec("pixart-ref", "pixart",
               {**_pixart(6, 4, 32, 32, 384), "in_channels": 3, "out_channels": 3, "patch_size": 4},
               text=MINILM, latent_space=False, guidance=2.0, weights="pixart-ref.safetensors",
