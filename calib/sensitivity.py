@@ -25,10 +25,11 @@ Which layer gets which metric is the `metric` setting (`METRICS`):
   misses how an error grows along the sampler's trajectory: on pixart-ref (trt, `effgen
   plan`'s 4 prompts and 8 steps) the self-attention query of block 4 at W4 is 53.0 dB at
   the denoiser output, 12th of the 30 layers "sqnr" judges, and 34.7 dB in the final
-  samples, the third worst of all 66. Measured with samples/quality_table.py at 4.5 bits
-  (README): the "final" plan is 1.5 dB (pixart-ref) and 0.1 dB (dit-ref) higher in PSNR
-  against FP than the "decoupled" one and loses fewer of FP's right images (48 and 36 of
-  1024 against 61 and 42); SSIM 0.0009 higher on pixart-ref and 0.0010 lower on dit-ref.
+  samples, the third worst of all 66 (earlier weights). Measured with
+  samples/quality_table.py at 4.5 bits over 1024 images (README): on the shipped pixart-ref
+  the "final" plan is 0.43 dB higher in PSNR against FP than the "decoupled" one and keeps
+  16 more of FP's right images (SSIM 0.0021 lower); on dit-ref it is 0.73 dB lower and keeps
+  24 fewer. On the earlier, less-trained weights "final" led on both (1.5 and 0.1 dB).
 
 One FP sampler run (N calibration prompts, a few sampler steps) is the reference: its final
 samples for the first two metrics, its denoiser inputs for the third. A layer's candidates
@@ -119,7 +120,8 @@ def allocatable_layers(denoiser) -> list[str]:
     """The layers the allocator chooses precisions for: every quantizable Linear, the
     embedders, adaLN modulation and final layer (which uniform plans keep FP) included, so
     that a weight budget is a budget for the model's weights. Measured, pixart-ref and dit-ref
-    on trt at 4.5 bits (samples/quality_table.py, 64 images, float64 Hessians): against the block linears alone
+    on trt at 4.5 bits (samples/quality_table.py, 64 images, float64 Hessians, earlier weights
+    and guidance): against the block linears alone
     with the rest FP, pixart-ref 33.77 -> 33.98 dB at 1.46 -> 1.15 MB (0.70x -> 0.56x uniform
     W8A8's bytes), dit-ref 39.49 -> 38.03 dB at 2.65 -> 1.37 MB (0.85x -> 0.44x), both still
     above uniform W4A8 with those layers FP (33.07 / 34.95 dB). Left out (and FP): the
