@@ -229,7 +229,8 @@ def evaluate(images: np.ndarray, reference_images: np.ndarray | None = None,
     `n_images`. The mean PSNR is inf when an image equals its reference exactly."""
     images = np.asarray(images)
     result: dict[str, Any] = {"psnr": None, "ssim": None, "fd": None, "attr_acc": None,
-                              "attr_acc_heldout": None, "class_acc": None, "acc_by_attribute": None, "shape_confusion": None,
+                              "attr_acc_heldout": None, "class_acc": None,
+                              "acc_by_attribute": None, "shape_confusion": None,
                               "acc_lost": None, "acc_gained": None, "n_images": int(len(images))}
     if reference_images is not None:
         result["psnr"] = float(np.mean(psnr(images, reference_images)))

@@ -53,8 +53,9 @@ from .timesteps import group_by_tolerance, group_fixed, groups_to_ranges
 # Layers that stay floating point unless a plan's rules or layers say otherwise: patch
 # embedders, timestep/caption embedders, the adaLN modulation linears (per-sample
 # conditioning, not per-token work) and the final layer. Measured (quality tables, 64
-# images, earlier weights): the adaLN linears at W8A8 cost vidit-w8a8 0.4 dB on pixart-ref and
-# 3.2 dB on dit-ref (one per block, a quarter of its weights); at W4 0.2-0.6 dB on pixart-ref.
+# images, earlier weights): the adaLN linears at W8A8 cost vidit-w8a8 0.4 dB on pixart-ref
+# and 3.2 dB on dit-ref (one per block, a quarter of its weights); at W4 0.2-0.6 dB on
+# pixart-ref.
 DEFAULT_FP = {
     "pixart": [r"transformer\.pos_embed\..*", r"transformer\.adaln_single\..*",
                r"transformer\.caption_projection\..*", r"transformer\.proj_out"],

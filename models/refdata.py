@@ -13,6 +13,7 @@ Everything is seeded: the same (seed, index) always gives the same picture. nump
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 
 import numpy as np
@@ -81,8 +82,9 @@ def all_combinations() -> list[Attributes]:
         SHAPES, COLOURS, SIZES, ROWS, COLS, BACKGROUNDS)]
 
 
-def heldout_triples(seed: int = 0, fraction: float = 0.1) -> set[tuple[str, str, str]]:
-    """(shape, colour, row+col) triples never shown in training.
+@functools.lru_cache
+def heldout_triples(seed: int = 0, fraction: float = 0.1) -> frozenset[tuple[str, str, str]]:
+    """(shape, colour, row+col) triples never shown in training (computed once per seed).
 
     Holding out whole shape/colour/position triples (in every size and background) makes the
     held-out captions ask for combinations the model has never seen together.
@@ -90,7 +92,7 @@ def heldout_triples(seed: int = 0, fraction: float = 0.1) -> set[tuple[str, str,
     triples = sorted(itertools.product(SHAPES, COLOURS, [f"{r} {c}" for r in ROWS for c in COLS]))
     rng = np.random.default_rng(seed)
     picked = rng.choice(len(triples), size=int(round(fraction * len(triples))), replace=False)
-    return {triples[i] for i in sorted(picked)}
+    return frozenset(triples[i] for i in sorted(picked))
 
 
 def _triple(a: Attributes) -> tuple[str, str, str]:
