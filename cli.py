@@ -698,8 +698,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "the same images from --reference (same prompts, seeds, steps), "
                        "Frechet distance of attribute-classifier features against real "
                        "pictures, and the fraction of images that show the shape, colour "
-                       "(and position, for text prompts) asked for. JSON writes infinite "
-                       "PSNR as \"inf\".")
+                       "(and position, for text prompts) asked for, over all prompts and, "
+                       "for text prompts, over those asking for combinations training never "
+                       "showed (attr_acc_heldout). JSON writes infinite PSNR as \"inf\".")
     e.add_argument("bundle", type=Path)
     e.add_argument("--reference", type=Path, default=None,
                    help="FP bundle of the same model (without it psnr/ssim are null)")
