@@ -308,8 +308,9 @@ def mixed_precision_plan(sens, *, weight_bits: float | None = None, weight_mb: f
     budget = {k: v for k, v in (("weight_bits", weight_bits), ("weight_mb", weight_mb),
                                 ("act_bits", act_bits)) if v is not None}
     provenance = {
-        "source": "effgen plan: metric-decoupled sensitivity + " + (
-            "integer program (scipy milp / HiGHS)" if allocator == "ilp" else "greedy allocation"),
+        "source": f"effgen plan: per-layer sensitivity ({sens.meta.get('metric', 'decoupled')} "
+                  "metric) + " + ("integer program (scipy milp / HiGHS)" if allocator == "ilp"
+                                  else "greedy allocation"),
         **({"command": command} if command else {}),
         "allocator": allocator, "solver_status": result.status,
         "objective": round(result.objective, 8),
