@@ -138,6 +138,26 @@ def _draw(job: tuple[int, str, int, int]):
     return refdata.make_dataset(size, split, seed=seed, res=res)
 
 
+def label_dropout_by_caller(transformer: torch.nn.Module) -> None:
+    """Turn off the label dropout inside a diffusers DiT, so that the training loss drops a
+    sample's label once, for the whole network (label `num_classes`, the null class).
+
+    diffusers' DiT gives each block, and the output layer, its own label embedding, and each
+    drops 10% of the labels to the null class on its own while training. Seven independent
+    draws: a block is told the class while the next one is not on half the samples, and the
+    input classifier-free guidance asks for at sampling, null in every block, comes up on
+    0.1^7 of them, so it is never trained. (DiT's own code has one shared label embedder.)"""
+    from diffusers.models.embeddings import LabelEmbedding
+
+    found = False
+    for module in transformer.modules():
+        if isinstance(module, LabelEmbedding):
+            module.dropout_prob = 0.0  # the null row of the table stays: it is sized at init
+            found = True
+    if not found:
+        raise ValueError("label_dropout_by_caller: the model has no diffusers LabelEmbedding")
+
+
 def dit_init(transformer: torch.nn.Module) -> None:
     """Re-initialise a diffusers DiT or PixArt transformer the way their papers train from
     scratch: Xavier-uniform linears with zero biases, N(0, 0.02) timestep, class and caption

@@ -29,7 +29,9 @@ depends on the machine; the step count reached is stored in the checkpoint's met
 `safe_open(path, "pt").metadata()`).
 
 DDPM on the linear beta schedule of PixArt-alpha and DiT with v-prediction (the spec's
-scheduler says which), pixels in [-1, 1], 10% condition dropout for classifier-free guidance,
+scheduler says which), pixels in [-1, 1], 10% condition dropout for classifier-free guidance
+(for dit-ref one draw per sample for the whole network, models/training.label_dropout_by_caller;
+the runs above, to step 19,834, had diffusers' own draw in each block),
 DiT's initialisation for fresh runs (models/training.dit_init); the pictures, AdamW with
 warm-up and cosine decay over the budget, EMA weights and bf16 autocast on CUDA come from
 models/training.py, shared with samples/train_ecar.py.
@@ -52,8 +54,9 @@ from safetensors.torch import save_file
 from effgen.models import refdata
 from effgen.models.configs import DDPM_LINEAR, get_spec
 from effgen.models.denoiser import WEIGHTS_DIR, build_denoiser
-from effgen.models.training import (TrainConfig, checkpoint_steps, dit_init, min_snr_weight,
-                                    train, training_pictures)
+from effgen.models.training import (TrainConfig, checkpoint_steps, dit_init,
+                                    label_dropout_by_caller, min_snr_weight, train,
+                                    training_pictures)
 
 
 def ddpm_alphas_cumprod() -> torch.Tensor:
@@ -155,6 +158,8 @@ def main(argv=None):
         model.transformer.load_state_dict(load_file(out))
         first_step = checkpoint_steps(out)
         print(f"resuming from {out} at step {first_step}", flush=True)
+    if spec.family == "dit":
+        label_dropout_by_caller(model.transformer)
     model.to(dev)
     ema = copy.deepcopy(model.transformer).eval().requires_grad_(False)
     n_params = sum(p.numel() for p in model.parameters())
@@ -185,9 +190,9 @@ def main(argv=None):
             ci[torch.rand(args.batch, generator=g, device=dev) < 0.1] = null_idx
             pred = model(xt, t.float(), states[ci], mask[ci])
         else:
-            # diffusers' DiT label embedding drops 10% of labels to the null class itself
-            # while training.
-            pred = model(xt, t.float(), labels[idx])
+            y = labels[idx].clone()  # 10% to the null class, in every block at once
+            y[torch.rand(args.batch, generator=g, device=dev) < 0.1] = spec.num_classes
+            pred = model(xt, t.float(), y)
         if v_prediction:  # v = sqrt(abar) eps - sqrt(1 - abar) x0
             target = a.sqrt() * eps - (1 - a).sqrt() * x0
         else:

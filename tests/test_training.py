@@ -10,7 +10,8 @@ import pytest
 
 from effgen.models.configs import get_spec
 from effgen.models.denoiser import build_denoiser
-from effgen.models.training import TrainConfig, dit_init, learning_rate, min_snr_weight, train
+from effgen.models.training import (TrainConfig, dit_init, label_dropout_by_caller, learning_rate,
+                                    min_snr_weight, train)
 
 
 def test_learning_rate_warms_up_then_decays_to_the_floor_over_the_budget():
@@ -64,6 +65,29 @@ def test_dit_init_zeroes_residual_writes_and_output_but_the_output_layer_still_l
     out.sum().backward()  # ... but it receives a gradient, so training moves it
     head = model.transformer.proj_out_2 if name == "dit-tiny" else model.transformer.proj_out
     assert head.weight.grad.abs().sum() > 0
+
+
+def test_dit_label_dropout_is_left_to_the_caller_so_every_block_sees_the_same_label():
+    model = build_denoiser(get_spec("dit-tiny")).train()
+    dit_init(model.transformer)
+    for p in model.transformer.parameters():  # away from the init's zeros, so labels matter
+        torch.nn.init.normal_(p, std=0.3)
+    sample, timestep, _ = model.example_inputs(64)
+    labels = torch.arange(64) % 10
+    # diffusers as built: each block drops labels to the null class on its own draw, so two
+    # calls on the same input differ
+    torch.manual_seed(0)
+    assert not torch.equal(model(sample, timestep, labels), model(sample, timestep, labels))
+    label_dropout_by_caller(model.transformer)
+    in_training = model(sample, timestep, labels)
+    assert torch.equal(in_training, model(sample, timestep, labels))
+    model.eval()
+    assert torch.equal(in_training, model(sample, timestep, labels))
+    # the null class is still there to be given: label num_classes in every block
+    null = model(sample, timestep, torch.full((64,), 10))
+    assert not torch.allclose(null, in_training)
+    with pytest.raises(ValueError, match="no diffusers LabelEmbedding"):
+        label_dropout_by_caller(build_denoiser(get_spec("pixart-tiny")).transformer)
 
 
 def test_training_pictures_are_the_same_shards_whatever_the_number_of_workers(monkeypatch):
