@@ -4,9 +4,9 @@ captioned data set of models/refdata.py.
     python samples/train_reference.py pixart-ref --minutes 55
     python samples/train_reference.py dit-ref --device cuda --batch 256 --minutes 8
 
-The shipped weights come from three GPU runs on one H200 (dit-ref's from one CPU run after
-them). First both models and the three ECAR
-models (samples/train_ecar.py) trained side by side for 8 minutes each:
+The shipped weights come from three GPU runs on one H200, and dit-ref's from one CPU run after
+them. First both models and the three ECAR models (samples/train_ecar.py) trained side by side
+for 8 minutes each:
 
     --device cuda --batch 256 --lr 6e-4 --ema 0.999 --data-size 80000 --data-workers 3 --minutes 8
 
