@@ -142,11 +142,12 @@ def label_dropout_by_caller(transformer: torch.nn.Module) -> None:
     """Turn off the label dropout inside a diffusers DiT, so that the training loss drops a
     sample's label once, for the whole network (label `num_classes`, the null class).
 
-    diffusers' DiT gives each block, and the output layer, its own label embedding, and each
-    drops 10% of the labels to the null class on its own while training. Seven independent
-    draws: a block is told the class while the next one is not on half the samples, and the
-    input classifier-free guidance asks for at sampling, null in every block, comes up on
-    0.1^7 of them, so it is never trained. (DiT's own code has one shared label embedder.)"""
+    diffusers' DiT gives each block its own label embedding, and the output layer calls block
+    0's once more; each call drops 10% of the labels to the null class on its own draw while
+    training. On dit-ref (6 blocks) that is seven independent draws: some blocks are told the
+    class while others are not on half the samples, and the input classifier-free guidance
+    asks for at sampling, null in every block, comes up on 0.1^7 of them, so it is never
+    trained. (DiT's own code has one shared label embedder.)"""
     from diffusers.models.embeddings import LabelEmbedding
 
     found = False
