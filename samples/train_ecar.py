@@ -35,7 +35,8 @@ import torch
 from effgen.models.configs import get_spec
 from effgen.models.denoiser import WEIGHTS_DIR
 from effgen.models.ecar import ECAR, config_of, load_checkpoint, save_checkpoint
-from effgen.models.training import TrainConfig, checkpoint_steps, train, training_pictures
+from effgen.models.training import (TrainConfig, TrainingDiverged, checkpoint_steps, train,
+                                    training_pictures)
 
 MODELS = ("ecar-ref", "ecar-flowar-ref", "ecar-single-stage-ref", "ecar-tiny")
 
@@ -106,7 +107,10 @@ def main(argv=None):
 
     train_cfg = TrainConfig(lr=args.lr, steps=args.steps, minutes=args.minutes, ema=args.ema,
                             save_every=args.save_every)
-    step, _ = train(model, ema, model, loss_fn, train_cfg, save, first_step)
+    try:
+        step, _ = train(model, ema, model, loss_fn, train_cfg, save, first_step)
+    except TrainingDiverged as e:
+        raise SystemExit(f"error: {e}") from None
     print(json.dumps({"model": args.model, "steps": step, "out": str(out),
                       "minutes": round((time.time() - t0) / 60, 1)}))
 

@@ -65,9 +65,9 @@ from safetensors.torch import save_file
 from effgen.models import refdata
 from effgen.models.configs import DDPM_LINEAR, get_spec
 from effgen.models.denoiser import WEIGHTS_DIR, build_denoiser
-from effgen.models.training import (TrainConfig, checkpoint_steps, dit_init,
-                                    label_dropout_by_caller, min_snr_weight, train,
-                                    training_pictures)
+from effgen.models.training import (TrainConfig, TrainingDiverged, checkpoint_steps,
+                                    dit_init, label_dropout_by_caller, min_snr_weight,
+                                    train, training_pictures)
 
 
 def ddpm_alphas_cumprod() -> torch.Tensor:
@@ -214,7 +214,10 @@ def main(argv=None):
         return err.mean()
 
     cfg = TrainConfig(lr=args.lr, steps=args.steps, minutes=args.minutes, ema=args.ema)
-    step, _ = train(model, ema, model.transformer, loss_fn, cfg, save, first_step)
+    try:
+        step, _ = train(model, ema, model.transformer, loss_fn, cfg, save, first_step)
+    except TrainingDiverged as e:
+        raise SystemExit(f"error: {e}") from None
     print(json.dumps({"model": args.model, "steps": step, "out": str(out),
                       "minutes": round((time.time() - t0) / 60, 1)}))
 

@@ -10,8 +10,8 @@ import pytest
 
 from effgen.models.configs import get_spec
 from effgen.models.denoiser import build_denoiser
-from effgen.models.training import (TrainConfig, dit_init, label_dropout_by_caller, learning_rate,
-                                    min_snr_weight, train)
+from effgen.models.training import (TrainConfig, TrainingDiverged, dit_init,
+                                    label_dropout_by_caller, learning_rate, min_snr_weight, train)
 
 
 def test_learning_rate_warms_up_then_decays_to_the_floor_over_the_budget():
@@ -42,6 +42,25 @@ def test_train_fits_a_regression_and_keeps_an_ema_and_checkpoints():
     assert step == 400 and mean_loss < first and loss_fn().item() < 1e-3 * first
     assert saved == [200, 400, 400]
     assert torch.allclose(ema.weight, model.weight, atol=0.05)
+
+
+def test_a_nan_step_stops_training_before_it_is_saved():
+    torch.manual_seed(0)
+    x, y = torch.randn(64, 4), torch.randn(64)
+    model = torch.nn.Linear(4, 1)
+    ema = torch.nn.Linear(4, 1).requires_grad_(False)
+    saved, calls = [], [0]
+
+    def loss_fn():
+        calls[0] += 1
+        loss = torch.nn.functional.mse_loss(model(x).squeeze(1), y)
+        return loss * float("nan") if calls[0] == 250 else loss
+
+    cfg = TrainConfig(lr=0.01, steps=1000, warmup=10, save_every=200)
+    with pytest.raises(TrainingDiverged, match="by step 300 .*checkpoint of step 200 is kept"):
+        train(model, ema, model, loss_fn, cfg, lambda s, l: saved.append(s))
+    assert saved == [200] and calls[0] == 300  # stopped at the first printed loss after it
+    assert torch.isnan(model.weight).all()  # what would have been saved
 
 
 @pytest.mark.parametrize("name", ["dit-tiny", "pixart-tiny"])
@@ -150,5 +169,10 @@ def test_training_scripts_resume_from_their_checkpoint_and_count_steps_on(tmp_pa
         return max(float((x[k] - y[k]).abs().max()) for k in x)
 
     assert dist(resumed, first) < 0.1 * dist(fresh, first)
+    # A run that diverges (an absurd learning rate) leaves the checkpoint it resumed from as it was.
+    before = (tmp_path / "a.safetensors").read_bytes()
+    with pytest.raises(SystemExit, match="error: training diverged .*checkpoint of step 3 is kept"):
+        train_to(tmp_path / "a.safetensors", 6, "--resume", "--lr", "1e30")
+    assert (tmp_path / "a.safetensors").read_bytes() == before
     with pytest.raises(SystemExit):  # nothing to resume from
         train_to(tmp_path / "missing.safetensors", 2, "--resume")
