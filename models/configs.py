@@ -155,8 +155,8 @@ _SPECS = [
     # briefly trained model cannot afford (measured: x0 estimates of +-200 from pure noise).
     # Guidance: the setting of least fd (samples/guidance_sweep.py, 1 to 6; README, Reference
     # models). pixart-ref at 2.0: fd 63.8, attr_acc 0.956 over 1024 images (at 1.5, the least
-    # fd over 256 images: 66.6 and 0.945); dit-ref at 2.0: fd 322, class_acc 0.64 over 256
-    # (stronger guidance buys accuracy with fd: 0.73 at 4.0, fd 654). ECAR's fd is least at 3.0.
+    # fd over 256 images: 66.6 and 0.945); dit-ref at 2.0: fd 296, class_acc 0.70 over 256
+    # (stronger guidance buys accuracy with fd: 0.82 at 4.0, fd 697). ECAR's fd is least at 3.0.
     ModelSpec("pixart-ref", "pixart",
               {**_pixart(6, 4, 32, 32, 384), "in_channels": 3, "out_channels": 3, "patch_size": 4},
               text=MINILM, latent_space=False, guidance=2.0, weights="pixart-ref.safetensors",
