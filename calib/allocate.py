@@ -307,8 +307,9 @@ def mixed_precision_plan(sens, *, weight_bits: float | None = None, weight_mb: f
     labels = [_label(p) for p in sens.candidates]
     budget = {k: v for k, v in (("weight_bits", weight_bits), ("weight_mb", weight_mb),
                                 ("act_bits", act_bits)) if v is not None}
+    metric = sens.meta.get("metric", "decoupled")  # sensitivities made before `metric` existed
     provenance = {
-        "source": f"effgen plan: per-layer sensitivity ({sens.meta.get('metric', 'decoupled')} "
+        "source": f"effgen plan: per-layer sensitivity ({metric} "
                   "metric) + " + ("integer program (scipy milp / HiGHS)" if allocator == "ilp"
                                   else "greedy allocation"),
         **({"command": command} if command else {}),
@@ -322,7 +323,7 @@ def mixed_precision_plan(sens, *, weight_bits: float | None = None, weight_mb: f
                          + "; score = 1 - normalised loss"
                          + ("; per timestep group, worst group" if sens.group_loss else ""),
         "sensitivity": {"key": sens.meta.get("key"), "weights": sens.meta.get("weights"),
-                        "metric": sens.meta.get("metric", "decoupled"),
+                        "metric": metric,
                         "content_metric": sens.meta.get("content_metric"),
                         "quality_metric": sens.meta.get("quality_metric", "sqnr"),
                         "n_prompts": sens.meta.get("n_prompts"),

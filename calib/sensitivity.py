@@ -28,8 +28,8 @@ Which layer gets which metric is the `metric` setting (`METRICS`):
   samples, the third worst of all 66 (earlier weights). Measured with
   samples/quality_table.py at 4.5 bits over 1024 images (README): on the shipped pixart-ref
   the "final" plan is 0.43 dB higher in PSNR against FP than the "decoupled" one and keeps
-  16 more of FP's right images (SSIM 0.0021 lower); on dit-ref it is 0.34 dB lower and keeps
-  10 more (on its GPU-trained weights at guidance 1.5, 0.73 dB lower and 24 fewer). On the
+  16 more of FP's right images (SSIM 0.0021 lower); on the shipped dit-ref it is 0.84 dB
+  lower and keeps 5 more (on its weights of 34,176 steps, 0.34 dB lower and 10 more). On the
   earlier, less-trained weights "final" led on both (1.5 and 0.1 dB).
 
 One FP sampler run (N calibration prompts, a few sampler steps) is the reference: its final
