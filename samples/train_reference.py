@@ -207,6 +207,8 @@ def main(argv=None):
         if not out.is_file():
             p.error(f"--loss-by-noise: {out} does not exist")
         args.data_size = args.loss_by_noise
+    elif args.json is not None:
+        p.error("--json: only with --loss-by-noise (training writes only its checkpoint, to --out)")
 
     t0 = time.time()
     dev = torch.device(args.device)
