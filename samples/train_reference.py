@@ -137,9 +137,10 @@ def loss_by_noise(model, spec, alphas_cumprod: torch.Tensor, x0: torch.Tensor, c
                   bins: int = 10, seed: int = 0, batch: int = 256) -> list[dict]:
     """The conditional training loss of the pictures `x0` in each of `bins` equal ranges of
     timesteps (each picture at a seeded timestep of the range, with seeded noise): which noise
-    levels a model has learned. A high-noise loss that no training lowers is the spread of
-    what the condition leaves open (with a class label alone: the position, size and
-    background); a low-noise one is how well the model draws detail."""
+    levels a model has learned. At high noise the loss holds the spread of what the condition
+    leaves open (with a class label alone: the position, size and background), which the
+    picture does not yet show and no model can predict; at low noise the picture shows it, and
+    the loss is how well the model draws the detail."""
     g = torch.Generator(x0.device).manual_seed(seed)
     edges = torch.linspace(0, len(alphas_cumprod), bins + 1).round().long().tolist()
     rows = []
