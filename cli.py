@@ -77,6 +77,7 @@ def cmd_generate(args) -> int:
         raise ValueError("give --prompt, --prompt-embeds or --class-label")
     t0 = time.perf_counter()
     images = pipe.generate(num_images=n, seed=args.seed, steps=args.steps, guidance=args.guidance,
+                           guidance_interval=args.guidance_interval,
                            on_step=_progress("denoising"), **cond)
     seconds = time.perf_counter() - t0
     args.out.mkdir(parents=True, exist_ok=True)
@@ -183,13 +184,16 @@ def cmd_eval(args) -> int:
 
     result = evaluate_bundle(args.bundle, reference=args.reference, n_images=args.n_images,
                              seed=args.seed, threads=args.threads, steps=args.steps,
-                             guidance=args.guidance)
+                             guidance=args.guidance, guidance_interval=args.guidance_interval)
     shown = {"psnr": "PSNR vs reference (dB)", "ssim": "SSIM vs reference",
              "fd": "Frechet distance vs real", "attr_acc": "shape+colour+position acc",
              "attr_acc_heldout": "same, unseen combinations",
              "class_acc": "shape+colour acc", "n_images": "images"}
+    interval = result["guidance_interval"]
+    where = ("" if interval is None or interval[0] == 0 and interval[1] == float("inf")
+             else f" at t {interval[0]:g}-{interval[1]:g}")
     print(f"{result['model']} ({args.bundle}), {result['steps']} steps, guidance "
-          f"{result['guidance']:g}, seed {args.seed}")
+          f"{result['guidance']:g}{where}, seed {args.seed}")
     for key, label in shown.items():
         value = result[key]
         text = "-" if value is None else (f"{value:.4f}" if isinstance(value, float) else str(value))
@@ -644,6 +648,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0, help="image i uses noise seeded SEED+i")
     g.add_argument("--steps", type=int, default=None, help="sampler steps (default: the bundle's)")
     g.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale")
+    g.add_argument("--guidance-interval", type=float, nargs=2, metavar=("LO", "HI"), default=None,
+                   help="guide only the steps at timesteps LO..HI (0..999), the others unguided "
+                   "(default: the bundle's; 0 inf guides every step)")
     g.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads (0 = all cores)")
     g.add_argument("--out", type=Path, default=Path("out"), help="directory for the PNGs")
     g.set_defaults(func=cmd_generate)
@@ -710,6 +717,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--steps", type=int, default=None, help="sampler steps (default: the bundle's)")
     e.add_argument("--guidance", type=float, default=None,
                    help="classifier-free guidance scale (default: the bundle's)")
+    e.add_argument("--guidance-interval", type=float, nargs=2, metavar=("LO", "HI"), default=None,
+                   help="guide only the steps at timesteps LO..HI (0..999), the others unguided "
+                   "(default: the bundle's; 0 inf guides every step)")
     e.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads (0 = all cores)")
     e.set_defaults(func=cmd_eval)
 

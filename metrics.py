@@ -283,7 +283,8 @@ def real_images(n_images: int) -> np.ndarray:
 
 
 def _generate(pipe, conditions: dict[str, list], n_images: int, seed: int, steps: int,
-              guidance: float, desc: str, progress: bool, chunk: int = 8) -> np.ndarray:
+              guidance: float, desc: str, progress: bool, chunk: int = 8,
+              guidance_interval: tuple[float, float] | None = None) -> np.ndarray:
     """`n_images` images, `chunk` at a time so the bar counts images. Image i is seeded
     seed + i whatever the chunking, so the images equal those of one big call."""
     from tqdm import tqdm
@@ -294,17 +295,20 @@ def _generate(pipe, conditions: dict[str, list], n_images: int, seed: int, steps
             k = min(chunk, n_images - start)
             cond = {name: values[start:start + k] for name, values in conditions.items()}
             out.append(pipe.generate(num_images=k, seed=seed + start, steps=steps,
-                                     guidance=guidance, **cond))
+                                     guidance=guidance, guidance_interval=guidance_interval,
+                                     **cond))
             bar.update(k)
     return np.concatenate(out)
 
 
 def evaluate_bundle(bundle: str | Path, reference: str | Path | None = None, n_images: int = 64,
                     seed: int = 0, threads: int = 0, steps: int | None = None,
-                    guidance: float | None = None, progress: bool = True) -> dict[str, Any]:
+                    guidance: float | None = None, progress: bool = True,
+                    guidance_interval: tuple[float, float] | None = None) -> dict[str, Any]:
     """Generate the evaluation set from `bundle` (and, with `reference`, the same images from
     the FP reference bundle: same prompts or labels, same seeds, steps and guidance) and
-    compute every metric. `steps` and `guidance` default to the bundle's sampling settings.
+    compute every metric. `steps`, `guidance` and `guidance_interval` (PixArt and DiT
+    bundles) default to the bundle's sampling settings.
 
     Prompts: `refdata.eval_prompts(n_images)`: captions for text-conditioned bundles
     (pixart), their class ids for class-conditional ones (dit). Returns `evaluate`'s keys
@@ -338,9 +342,15 @@ def evaluate_bundle(bundle: str | Path, reference: str | Path | None = None, n_i
         torch.set_num_threads(threads)
 
     # Both bundles sample with the evaluated bundle's settings, so only the weights differ.
-    sampling = pipe.bundle.manifest["sampling"]
-    steps = int(steps or sampling["steps"])
-    guidance = float(sampling["guidance"] if guidance is None else guidance)
+    if model["family"] == "ecar":
+        sampling = pipe.bundle.manifest["sampling"]
+        steps = int(steps or sampling["steps"])
+        guidance = float(sampling["guidance"] if guidance is None else guidance)
+        if guidance_interval is not None:
+            raise ValueError(f"{bundle}: an ECAR bundle takes no guidance interval")
+    else:
+        steps, guidance, guidance_interval = pipe.sampling_defaults(steps, guidance,
+                                                                    guidance_interval)
     prompts = refdata.eval_prompts(n_images)
     class_ids = [a.class_id for a in prompts]
     if model["family"] == "pixart":
@@ -349,11 +359,12 @@ def evaluate_bundle(bundle: str | Path, reference: str | Path | None = None, n_i
         conditions = {"class_label": class_ids}
 
     images = _generate(pipe, conditions, n_images, seed, steps, guidance,
-                       Path(bundle).name, progress)
+                       Path(bundle).name, progress, guidance_interval=guidance_interval)
     reference_images = None
     if ref_pipe is not None:
         reference_images = _generate(ref_pipe, conditions, n_images, seed, steps, guidance,
-                                     f"{Path(reference).name} (reference)", progress)
+                                     f"{Path(reference).name} (reference)", progress,
+                                     guidance_interval=guidance_interval)
     real = real_images(n_images)
     result = evaluate(images, reference_images=reference_images,
                       attrs=prompts if model["family"] == "pixart" else None,
@@ -361,7 +372,9 @@ def evaluate_bundle(bundle: str | Path, reference: str | Path | None = None, n_i
     result.update({
         "model": model["name"], "family": model["family"], "bundle": str(bundle),
         "reference": None if reference is None else str(reference),
-        "seed": seed, "steps": steps, "guidance": guidance, "n_real": int(len(real)),
+        "seed": seed, "steps": steps, "guidance": guidance,
+        "guidance_interval": None if guidance_interval is None else list(guidance_interval),
+        "n_real": int(len(real)),
         "seconds": round(time.perf_counter() - t0, 1),
     })
     return result

@@ -339,6 +339,7 @@ def calibrate(denoiser, plan_raw: dict[str, Any], target: str | None = None, *,
         "act_shift": sorted(shifted),
         "calibration": {"statistics": stats.meta.get("key", ""), "n_items": stats.meta.get("n_items"),
                         "steps": stats.meta.get("steps"), "guidance": stats.meta.get("guidance"),
+                        "guidance_interval": stats.meta.get("guidance_interval"),
                         "scheduler": stats.meta.get("scheduler"), "noise_seed": stats.meta.get("noise_seed"),
                         "sampler_timesteps": list(stats.timesteps), "act_scale": method,
                         "weight_scale": w_method, "weight_rounding": rounding,
@@ -391,7 +392,8 @@ def generate_images(denoiser, items: Sequence, seed: int = 0, steps: int | None 
             sl = slice(start, start + batch)
             x = sample(denoiser, noise[sl], cond[sl], uncond[sl], spec.scheduler, steps, guidance,
                        None if cmask is None else cmask[sl], None if umask is None else umask[sl],
-                       on_step=None if ctx is None else ctx.on_step)
+                       on_step=None if ctx is None else ctx.on_step,
+                       guidance_interval=spec.guidance_interval)
             out.append(x.numpy())
             bar.update(len(out[-1]))
     return to_uint8(np.concatenate(out))

@@ -327,7 +327,7 @@ def _sample(model, noise, conditions, steps, guidance, on_step=None) -> torch.Te
 
     cond, uncond, cmask, umask = conditions
     return sample(model, noise, cond, uncond, model.spec.scheduler, steps, guidance,
-                  cmask, umask, on_step=on_step)
+                  cmask, umask, on_step=on_step, guidance_interval=model.spec.guidance_interval)
 
 
 def _input_elements(model, ref: _Reference, layers: Sequence[str]) -> dict[str, int]:
@@ -422,6 +422,7 @@ def measure_sensitivity(denoiser, techniques: dict[str, Any] | None = None, targ
     content_metric = "ssim" if pixel_images else "final_sqnr"
     doc = {"format": SENSITIVITY_FORMAT, "model": spec.name, "weights": weights_hash(denoiser),
            "items": items, "steps": steps, "guidance": guidance, "scheduler": spec.scheduler,
+           "guidance_interval": spec.guidance_interval,
            "n_calib": n_calib, "candidates": [p.to_json() for p in cands], "target": target,
            "techniques": techniques, "content_rules": list(content_rules),
            "quality_metric": quality_metric,

@@ -437,7 +437,7 @@ class _Recorder:
 def sampler_config(model, steps: int | None = None, guidance: float | None = None,
                    scheduler: dict | None = None) -> dict:
     """What the calibration sampler runs (part of every cache key): a diffusion model's
-    scheduler, steps and guidance; an ECAR model's stage steps and guidance (its stages are the
+    scheduler, steps, guidance and guidance interval (the spec's, as its bundles sample); an ECAR model's stage steps and guidance (its stages are the
     steps; `steps` must be None: ECAR calibrates along its own stage loop)."""
     spec = model.spec
     if spec.family == "ecar":
@@ -448,7 +448,8 @@ def sampler_config(model, steps: int | None = None, guidance: float | None = Non
         return {"stage_steps": list(cfg.stage_steps),
                 "guidance": float(cfg.cfg_scale if guidance is None else guidance)}
     return {"scheduler": dict(scheduler or spec.scheduler), "steps": int(steps or spec.steps),
-            "guidance": float(spec.guidance if guidance is None else guidance)}
+            "guidance": float(spec.guidance if guidance is None else guidance),
+            "guidance_interval": spec.guidance_interval}
 
 
 def stats_key(model, items: Sequence, sampler: dict, seed: int, budget: int) -> tuple[str, dict]:
@@ -492,7 +493,8 @@ def run_sampler(model, items: Sequence, sampler: dict, seed: int, on_step: Calla
         def run(sl, hook):
             sample(model, noise[sl], cond[sl], uncond[sl], sampler["scheduler"], n_steps,
                    sampler["guidance"], None if cmask is None else cmask[sl],
-                   None if umask is None else umask[sl], on_step=hook)
+                   None if umask is None else umask[sl], on_step=hook,
+                   guidance_interval=sampler["guidance_interval"])
     timesteps: list[int] = []
     chunks = list(range(0, n, batch))
     with tqdm(total=n_steps * len(chunks), desc=desc, unit="step", file=sys.stderr,

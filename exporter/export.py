@@ -146,7 +146,10 @@ def export_bundle(model: str, out: Path, checkpoint: Path | None = None,
             "model": model_entry(spec, sample_size, factor),
             "components": components,
             "scheduler": scheduler_config(spec, checkpoint),
-            "sampling": {"steps": spec.steps, "guidance": spec.guidance, "batch": batch},
+            "sampling": {"steps": spec.steps, "guidance": spec.guidance,
+                         "guidance_interval": (None if spec.guidance_interval is None
+                                               else list(spec.guidance_interval)),
+                         "batch": batch},
             "files": files,
             "provenance": {
                 "effgen": _version(), "torch": torch.__version__,

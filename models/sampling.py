@@ -4,7 +4,8 @@ loop calibration hooks into.
 It uses diffusers' own schedulers (the runtime's numpy ones are tested against them) and the
 same conventions as `effgen.runtime`: classifier-free guidance as a batch of two
 (conditional first), guidance on the first `in_channels` output channels only (a learned sigma
-is dropped), pixels or latents in [-1, 1] scale.
+is dropped), steps outside a guidance interval run the conditional rows alone, pixels or
+latents in [-1, 1] scale.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch
 
 from .denoiser import Denoiser
 from ..runtime.images import to_uint8  # noqa: F401  (one conversion for both paths)
+from ..runtime.pipeline import guidance_scale_at
 
 
 def diffusers_scheduler(config: dict):
@@ -38,10 +40,13 @@ def diffusers_scheduler(config: dict):
 def sample(denoiser: Denoiser, noise: np.ndarray, cond: torch.Tensor, uncond: torch.Tensor,
            scheduler_config: dict, steps: int, guidance: float,
            cond_mask: torch.Tensor | None = None, uncond_mask: torch.Tensor | None = None,
-           on_step: Callable[[int, int], None] | None = None) -> torch.Tensor:
+           on_step: Callable[[int, int], None] | None = None,
+           guidance_interval: tuple[float, float] | None = None) -> torch.Tensor:
     """Denoise `noise` (N, C, H, W) to samples. `cond`/`uncond` are per-image conditions
     (class labels or text states, first dimension N); `on_step(i, t)` runs before each
-    denoiser call (calibration uses it to know the timestep). Runs on the device of `cond`."""
+    denoiser call (calibration uses it to know the timestep); `guidance_interval` (lo, hi
+    timesteps, None = every step) limits guidance as `runtime.pipeline.guidance_scale_at`
+    does. Runs on the device of `cond`."""
     sched = diffusers_scheduler(scheduler_config)
     sched.set_timesteps(steps)
     x = torch.from_numpy(np.asarray(noise, np.float32)).clone().to(cond.device)
@@ -51,9 +56,14 @@ def sample(denoiser: Denoiser, noise: np.ndarray, cond: torch.Tensor, uncond: to
     for i, t in enumerate(sched.timesteps):
         if on_step is not None:
             on_step(i, int(t))
-        tt = torch.full((2 * n,), float(t), device=x.device)
-        out = denoiser(torch.cat([x, x]), tt, both, both_mask)[:, :c]
-        eps_c, eps_u = out[:n], out[n:]
-        eps = eps_u + guidance * (eps_c - eps_u)
+        g = guidance_scale_at(float(t), guidance, guidance_interval)
+        if g == 1.0:
+            tt = torch.full((n,), float(t), device=x.device)
+            eps = denoiser(x, tt, cond, cond_mask)[:, :c]
+        else:
+            tt = torch.full((2 * n,), float(t), device=x.device)
+            out = denoiser(torch.cat([x, x]), tt, both, both_mask)[:, :c]
+            eps_c, eps_u = out[:n], out[n:]
+            eps = eps_u + g * (eps_c - eps_u)
         x = sched.step(eps, t, x).prev_sample
     return x

@@ -31,15 +31,18 @@ def load_pipeline(bundle: str | Path | Bundle, backend: str = "ort", threads: in
 
 def generate(bundle: str | Path | Bundle, *, prompt=None, prompt_embeds=None, class_label=None,
              negative_prompt: str = "", num_images: int = 1, seed: int = 0,
-             steps: int | None = None, guidance: float | None = None, backend: str = "ort",
+             steps: int | None = None, guidance: float | None = None,
+             guidance_interval: tuple[float, float] | None = None, backend: str = "ort",
              threads: int = 0, on_step=None, output: str = "images") -> np.ndarray:
     """Generate `num_images` images as uint8 (N, H, W, 3).
 
     Text-conditioned bundles take `prompt` (str or one per image; needs the bundle's
     text_encoder) or `prompt_embeds` (a text states file from `effgen encode-prompts`, or the
     dict of its arrays: 'prompt_embeds' and optional masks and negatives, see
-    runtime.text.text_state_rows); class-conditional bundles take `class_label`. Steps and
-    guidance default to the bundle's sampling defaults. Image i uses noise seeded `seed + i`.
+    runtime.text.text_state_rows); class-conditional bundles take `class_label`. Steps,
+    guidance and the guidance interval ((lo, hi): the timesteps where guidance applies, the
+    others run unguided; (0, inf) = every step) default to the bundle's sampling settings.
+    Image i uses noise seeded `seed + i`.
     `output="latents"` returns the denoised latents instead (a bundle without a VAE decoder).
     ECAR bundles take `class_label`; their `steps` is the head's total over the stages (split
     in proportion to the bundle's per-stage counts) or a list with one count per stage.
@@ -50,4 +53,5 @@ def generate(bundle: str | Path | Bundle, *, prompt=None, prompt_embeds=None, cl
     if prompt is not None:
         cond["negative_prompt"] = negative_prompt
     return pipe.generate(num_images=num_images, seed=seed, steps=steps, guidance=guidance,
-                         on_step=on_step, output=output, **cond)
+                         guidance_interval=guidance_interval, on_step=on_step, output=output,
+                         **cond)

@@ -192,12 +192,16 @@ class StagePipeline:
     def generate(self, num_images: int = 1, seed: int = 0,
                  steps: int | Sequence[int] | None = None, guidance: float | None = None,
                  on_step: StepCallback | None = None, output: str = "images",
-                 class_label=None, prompt=None, prompt_embeds=None, **_unused) -> np.ndarray:
+                 class_label=None, prompt=None, prompt_embeds=None, guidance_interval=None,
+                 **_unused) -> np.ndarray:
         """Images as uint8 (N, H, W, 3), or with `output="latents"` the final maps (N, C, H, W)
         float32. `steps`: None (the bundle's per-stage counts), a list (one per stage) or an
         int (a total, split over the stages in proportion to the defaults)."""
         if prompt is not None or prompt_embeds is not None:
             raise ValueError("this is a class-conditional ECAR bundle: give --class-label, not a prompt")
+        if guidance_interval is not None:
+            raise ValueError("an ECAR bundle guides every head step of every stage: it takes no "
+                             "guidance interval")
         if output not in ("images", "latents"):
             raise ValueError("output must be 'images' or 'latents'")
         sampling = self.bundle.manifest["sampling"]

@@ -152,7 +152,8 @@ def modelopt_int8(fp, items, n_calib_steps, guidance, log):
         for start in range(0, len(items), 16):
             sl = slice(start, start + 16)
             sample(model, noise[sl], cond[sl], uncond[sl], spec.scheduler, n_calib_steps, guidance,
-                   None if cmask is None else cmask[sl], None if umask is None else umask[sl])
+                   None if cmask is None else cmask[sl], None if umask is None else umask[sl],
+                   guidance_interval=spec.guidance_interval)
 
     t0 = time.perf_counter()
     with warnings.catch_warnings():  # "X is not calibrated, skip smoothing": our FP layers

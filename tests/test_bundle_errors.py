@@ -100,6 +100,8 @@ def test_generate_rejects_bad_input(tiny_bundles, tmp_path):
                                "--out", tmp_path), "no text_encoder component")
     assert_clean_error(run_cli("generate", dit, "--class-label", "1", "--steps", "0",
                                "--out", tmp_path), "steps must be at least 1")
+    assert_clean_error(run_cli("generate", dit, "--class-label", "1", "--guidance-interval",
+                               "500", "0", "--out", tmp_path), "must satisfy 0 <= lo <= hi")
     assert_clean_error(run_cli("verify", tmp_path / "nothing"), "is not a bundle directory")
 
 

@@ -66,6 +66,8 @@ def test_ort_generation_matches_pytorch_sampler(bundles, name):
     ref = E.sample(model, [1, 2], E.stage_noise(cfg, 3, 2), cfg_scale=1.0,
                    stage_steps=[4] * cfg.num_stages).numpy()
     assert psnr(to_uint8(got), to_uint8(ref)).min() >= 50
+    with pytest.raises(ValueError, match="no guidance interval"):
+        pipe.generate(num_images=1, class_label=[1], guidance_interval=(0, 500))
 
 
 def test_manifest_components_variants_and_shared_weights(bundles):

@@ -18,14 +18,14 @@ from effgen.runtime.pipeline import initial_noise
 
 
 def torch_images(checkpoint, name, manifest, cond, uncond, steps, guidance, seed, n,
-                 cond_mask=None, uncond_mask=None):
+                 cond_mask=None, uncond_mask=None, guidance_interval=None):
     from diffusers import AutoencoderKL
 
     denoiser = load_denoiser(name, checkpoint)
     m = manifest["model"]
     noise = initial_noise((m["in_channels"], m["sample_size"], m["sample_size"]), seed, n)
     x = sample(denoiser, noise, cond, uncond, manifest["scheduler"], steps, guidance,
-               cond_mask, uncond_mask)
+               cond_mask, uncond_mask, guidance_interval=guidance_interval)
     vae = AutoencoderKL.from_pretrained(checkpoint, subfolder="vae").eval()
     with torch.no_grad():
         img = vae.decode(x / vae.config.scaling_factor).sample
@@ -72,6 +72,68 @@ def test_pixart_bundle_matches_pytorch(tiny_bundles, tiny_checkpoints):
                           cond_mask=torch.from_numpy(mask)[None], uncond_mask=umask)
     assert images.std() > 5
     assert psnr(images, ref)[0] >= 50
+
+
+def test_guidance_interval_guides_only_its_steps_as_pytorch_does(tiny_bundles, tiny_checkpoints,
+                                                                 tmp_path):
+    """Guidance on the steps whose timestep lies in the interval, the conditional prediction
+    alone on the others: ONNX Runtime agrees with the PyTorch sampler; an interval holding
+    every step is plain guidance, one holding none is guidance 1; a bundle's own interval is
+    its default, and a bad one is a BundleError."""
+    from effgen.runtime.bundle import BundleError
+    from effgen.runtime.schedulers import make_scheduler
+
+    bundle = tiny_bundles["dit-tiny"]
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert manifest["sampling"]["guidance_interval"] is None  # the spec guides every step
+    sched = make_scheduler(manifest["scheduler"])
+    sched.set_timesteps(6)
+    late = (0, float(sched.timesteps[2]) - 1)  # the last three of six steps
+    pipe = runtime.load_pipeline(bundle)
+    kw = dict(num_images=2, seed=5, steps=6, guidance=4.0, class_label=[3, 7], output="latents")
+    part = pipe.generate(guidance_interval=late, **kw)
+    ref, _ = torch_images(tiny_checkpoints["dit-tiny"], "dit-tiny", manifest, torch.tensor([3, 7]),
+                          torch.tensor([10, 10]), steps=6, guidance=4.0, seed=5, n=2,
+                          guidance_interval=late)
+    assert np.abs(part - ref).max() < 1e-3 * max(1.0, np.abs(ref).max())
+
+    every = pipe.generate(**kw)
+    np.testing.assert_array_equal(pipe.generate(guidance_interval=(0, 999), **kw), every)
+    unguided = pipe.generate(**{**kw, "guidance": 1.0})
+    np.testing.assert_array_equal(pipe.generate(guidance_interval=(1000, 2000), **kw), unguided)
+    scale = np.abs(every - unguided).max()
+    assert np.abs(part - every).max() > 0.01 * scale and np.abs(part - unguided).max() > 0.01 * scale
+
+    own = tmp_path / "own"
+    shutil.copytree(bundle, own)
+    manifest["sampling"]["guidance_interval"] = list(late)
+    (own / "manifest.json").write_text(json.dumps(manifest))
+    np.testing.assert_array_equal(runtime.load_pipeline(own).generate(**kw), part)
+    manifest["sampling"]["guidance_interval"] = [500, 0]
+    (own / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="guidance interval"):
+        runtime.load_pipeline(own).generate(**kw)
+    with pytest.raises(ValueError, match="two timesteps"):
+        pipe.generate(guidance_interval=(1, 2, 3), **kw)
+
+
+def test_pytorch_sampler_calls_the_model_on_the_conditional_rows_alone_outside_the_interval(
+        tiny_checkpoints):
+    """What calibration sees is what the runtime runs: two rows per image on the guided steps,
+    one on the others."""
+    from effgen.models.sampling import diffusers_scheduler
+
+    denoiser = load_denoiser("dit-tiny", tiny_checkpoints["dit-tiny"])
+    rows = []
+    denoiser.register_forward_pre_hook(lambda module, args: rows.append(len(args[0])))
+    scheduler = denoiser.spec.scheduler
+    noise = initial_noise((4, 8, 8), 0, 3)
+    sample(denoiser, noise, torch.tensor([1, 2, 3]), torch.full((3,), 10), scheduler, 5, 3.0,
+           guidance_interval=(0, 500))
+    sched = diffusers_scheduler(scheduler)
+    sched.set_timesteps(5)
+    assert rows == [6 if t <= 500 else 3 for t in sched.timesteps.tolist()]
+    assert 3 in rows and 6 in rows
 
 
 def test_image_does_not_depend_on_how_many_are_generated(tiny_bundles):

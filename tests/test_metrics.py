@@ -311,13 +311,19 @@ def test_accuracy_flips_against_the_reference_pair_images():
 @needs_classifier
 def test_guidance_sweep_scores_each_setting_and_marks_the_default(tmp_path, capsys, sample_script):
     """samples/guidance_sweep.py, as the README runs it: one exported bundle, one row per
-    guidance with the spec's default marked, JSON written."""
+    guidance interval and guidance with the spec's default marked, JSON written."""
     module = sample_script("guidance_sweep")
-    default = get_spec("dit-ref").guidance
+    spec = get_spec("dit-ref")
+    default = spec.guidance
+    own = "all" if spec.guidance_interval is None else "{:g}-{:g}".format(*spec.guidance_interval)
+    other = "0-300" if own == "all" else "all"
     out = tmp_path / "sweep.json"
     assert module.main(["--json", str(out), "--models", "dit-ref", "--guidance", "1", str(default),
-                        "--n-images", "2", "--threads", "1"]) == 0
+                        "--intervals", own, other, "--n-images", "2", "--threads", "1"]) == 0
     rows = json.loads(out.read_text())
-    assert [(r["guidance"], r["default"]) for r in rows] == [(1.0, False), (default, True)]
+    assert [(r["guidance"], r["default"]) for r in rows] == [
+        (1.0, False), (default, True), (1.0, False), (default, False)]
     assert all(r["n_images"] == 2 and r["fd"] >= 0 and 0 <= r["class_acc"] <= 1 for r in rows)
-    assert f"| dit-ref | {default:g} (default) |" in capsys.readouterr().out
+    assert f"| dit-ref | {default:g} (default) | {own} |" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        module.main(["--json", str(out), "--intervals", "500"])
