@@ -155,18 +155,19 @@ _SPECS = [
     # They predict v, not epsilon: at the first step of a sampler (alpha_bar ~ 4e-5) an
     # epsilon model's x0 estimate divides its error by sqrt(alpha_bar) ~ 0.006, which a small,
     # briefly trained model cannot afford (measured: x0 estimates of +-200 from pure noise).
-    # Guidance: the setting of least fd (samples/guidance_sweep.py, 1 to 6; README, Reference
-    # models). pixart-ref at 2.0: fd 63.8, attr_acc 0.956 over 1024 images (at 1.5, the least
-    # fd over 256 images: 66.6 and 0.945); dit-ref at 2.0: fd 296, class_acc 0.70 over 256
-    # (stronger guidance buys accuracy with fd: 0.82 at 4.0, fd 697). ECAR's fd is least at 3.0.
+    # Guidance: the setting of least fd (samples/guidance_sweep.py; README, Reference models).
+    # pixart-ref at 2.0: fd 63.8, attr_acc 0.956 over 1024 images (at 1.5, the least fd over
+    # 256 images: 66.6 and 0.945). dit-ref at 3.0 on the steps at t <= 450 and unguided above:
+    # fd 240, class_acc 0.725 over 1024 images, against 274 and 0.663 at 2.0 on every step, the
+    # least fd without an interval (3.0 on every step: 361 and 0.785). ECAR's fd is least at 3.0.
     ModelSpec("pixart-ref", "pixart",
               {**_pixart(6, 4, 32, 32, 384), "in_channels": 3, "out_channels": 3, "patch_size": 4},
               text=MINILM, latent_space=False, guidance=2.0, weights="pixart-ref.safetensors",
               scheduler=REF_SCHEDULER),
     ModelSpec("dit-ref", "dit",
               {**_dit(6, 4, 32, 32, 20), "in_channels": 3, "out_channels": 3, "patch_size": 4},
-              num_classes=20, latent_space=False, guidance=2.0, weights="dit-ref.safetensors",
-              scheduler=REF_SCHEDULER),
+              num_classes=20, latent_space=False, guidance=3.0, guidance_interval=(0, 450),
+              weights="dit-ref.safetensors", scheduler=REF_SCHEDULER),
 ] + _ecar_specs()
 MODELS: dict[str, ModelSpec] = {s.name: s for s in _SPECS}
 # What `effgen-export pixart` / `effgen-export dit` / `effgen-export ecar` mean: the shipped,
