@@ -14,9 +14,9 @@ same under either convention.
 Per image: DiT runs its transformer `steps` times; ECAR runs the AR once per stage and the head
 `stage_steps[s]` times in stage s. With classifier-free guidance every call runs on two rows
 (conditional and unconditional), so the cost per image doubles. Under a guidance interval the
-steps outside it need the conditional row alone, but the exported graph, of fixed batch two,
-computes the second row anyway (the runtime pads it): counted as computed, as attention's masked
-entries are, the cost is that of guidance on every step.
+steps outside it need the conditional row alone, but for one image the exported graph, of
+fixed batch two, computes the second row anyway (the runtime pads it): counted as computed, as
+attention's masked entries are, the cost is that of guidance on every step.
 
 No torch: ECAR configs are read from their dict (`ECARConfig.to_dict()` or a spec's
 `transformer`).

@@ -165,15 +165,16 @@ class DenoisePipeline:
 
         scales = [guidance_scale_at(float(t), guidance, guidance_interval)
                   for t in scheduler().timesteps]
-        # Images per call: a guided step needs two rows per image in the fixed-batch graph.
-        per_call = self.denoiser.batch // 2 if any(g != 1.0 for g in scales) else self.denoiser.batch
-        if per_call < 1:
+        batch = self.denoiser.batch
+        if batch < 2 and any(g != 1.0 for g in scales):
             raise BundleError("the denoiser was exported with batch 1: guidance needs batch 2")
+        # Chunks of as many images as the graph has rows: a guided step runs their conditional
+        # and unconditional rows in two calls, an unguided step the conditional rows in one.
         out = np.empty_like(noise)
-        total = steps * -(-n // per_call)
+        total = steps * -(-n // batch)
         done = 0
-        for start in range(0, n, per_call):
-            k = min(per_call, n - start)
+        for start in range(0, n, batch):
+            k = min(batch, n - start)
             sl = slice(start, start + k)
             sched = scheduler()  # multistep schedulers keep state: a fresh one per chunk
             x = noise[sl]
@@ -185,12 +186,11 @@ class DenoisePipeline:
                              for name, v in feeds.items()}
                 feeds["sample"] = np.concatenate([x, x]) if cfg else x
                 feeds["timestep"] = np.full(len(feeds["sample"]), t, np.float32)
-                feeds = _pad_rows(feeds, self.denoiser.batch)
-                pred = self.denoiser.run(feeds, float(t))["model_output"][:, :c]
+                pred = run_in_batches(self.denoiser, feeds, float(t))["model_output"][:, :c]
                 if cfg:
-                    eps = pred[k:2 * k] + g * (pred[:k] - pred[k:2 * k])
+                    eps = pred[k:] + g * (pred[:k] - pred[k:])
                 else:
-                    eps = pred[:k]
+                    eps = pred
                 x = sched.step(eps, t, x)
                 done += 1
                 if on_step is not None:
@@ -242,11 +242,3 @@ class DenoisePipeline:
         cond = self.conditioning(num_images, **conditioning)
         x = self.denoise(noise, cond, steps, guidance, on_step, guidance_interval)
         return x if output == "latents" else self.decode(x)
-
-
-def _pad_rows(feeds: dict[str, np.ndarray], batch: int) -> dict[str, np.ndarray]:
-    """Fill a short final call up to the graph's fixed batch by repeating the last row."""
-    n = len(feeds["sample"])
-    if n == batch:
-        return feeds
-    return {k: np.concatenate([v, np.repeat(v[-1:], batch - n, 0)]) for k, v in feeds.items()}

@@ -97,6 +97,14 @@ def test_guidance_interval_guides_only_its_steps_as_pytorch_does(tiny_bundles, t
                           guidance_interval=late)
     assert np.abs(part - ref).max() < 1e-3 * max(1.0, np.abs(ref).max())
 
+    # Two images fill the graph's two rows: a guided step takes two calls, an unguided one one.
+    calls = []
+    run = pipe.denoiser.run
+    pipe.denoiser.run = lambda feeds, t: calls.append(t) or run(feeds, t)
+    np.testing.assert_array_equal(pipe.generate(guidance_interval=late, **kw), part)
+    assert len(calls) == 3 * 2 + 3
+    del pipe.denoiser.run
+
     every = pipe.generate(**kw)
     np.testing.assert_array_equal(pipe.generate(guidance_interval=(0, 999), **kw), every)
     unguided = pipe.generate(**{**kw, "guidance": 1.0})
