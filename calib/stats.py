@@ -437,8 +437,9 @@ class _Recorder:
 def sampler_config(model, steps: int | None = None, guidance: float | None = None,
                    scheduler: dict | None = None) -> dict:
     """What the calibration sampler runs (part of every cache key): a diffusion model's
-    scheduler, steps, guidance and guidance interval (the spec's, as its bundles sample); an ECAR model's stage steps and guidance (its stages are the
-    steps; `steps` must be None: ECAR calibrates along its own stage loop)."""
+    scheduler, steps, guidance and guidance interval (the spec's, as its bundles sample); an
+    ECAR model's stage steps and guidance (its stages are the steps; `steps` must be None: ECAR
+    calibrates along its own stage loop)."""
     spec = model.spec
     if spec.family == "ecar":
         cfg = model.cfg

@@ -44,7 +44,8 @@ class ModelSpec:
         default_factory=lambda: {"name": "dpm++2m", **DDPM_LINEAR, "timestep_spacing": "linspace"})
     steps: int = 20
     guidance: float = 4.5
-    # Timesteps (lo, hi) where guidance applies, None = every step (runtime.pipeline.guidance_scale_at)
+    # Timesteps (lo, hi) where guidance applies, None = every step
+    # (runtime.pipeline.guidance_scale_at)
     guidance_interval: tuple[float, float] | None = None
     weights: str | None = None  # file under models/weights/ with trained weights
 

@@ -58,7 +58,8 @@ def check_guidance_interval(interval) -> tuple[float, float] | None:
             raise TypeError
         lo, hi = (float(v) for v in interval)
     except (TypeError, ValueError):
-        raise ValueError(f"guidance interval must be two timesteps [lo, hi], not {interval!r}") from None
+        raise ValueError(f"guidance interval must be two timesteps [lo, hi], "
+                         f"not {interval!r}") from None
     if not 0 <= lo <= hi:  # also false for NaN
         raise ValueError(f"guidance interval [{lo:g}, {hi:g}] must satisfy 0 <= lo <= hi")
     return lo, hi

@@ -1,7 +1,7 @@
 """Where to set a reference model's classifier-free guidance: `fd` and prompt accuracy of the
-FP model over a range of guidance scales (and guidance intervals and sampler step counts), from its exported bundle
-on ONNX Runtime, the fixed evaluation set of `effgen eval` with the same noise for every
-setting.
+FP model over a range of guidance scales (and guidance intervals and sampler step counts),
+from its exported bundle on ONNX Runtime, the fixed evaluation set of `effgen eval` with the
+same noise for every setting.
 
     python samples/guidance_sweep.py --json build/guidance_sweep.json --models pixart-ref dit-ref
 
@@ -17,7 +17,6 @@ error near 0.5 is ~0.03.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 from pathlib import Path
