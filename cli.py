@@ -181,6 +181,7 @@ def cmd_compare(args) -> int:
 
 def cmd_eval(args) -> int:
     from .metrics import evaluate_bundle, write_json
+    from .runtime.pipeline import EVERY_STEP
 
     result = evaluate_bundle(args.bundle, reference=args.reference, n_images=args.n_images,
                              seed=args.seed, threads=args.threads, steps=args.steps,
@@ -190,7 +191,7 @@ def cmd_eval(args) -> int:
              "attr_acc_heldout": "same, unseen combinations",
              "class_acc": "shape+colour acc", "n_images": "images"}
     interval = result["guidance_interval"]
-    where = ("" if interval is None or interval[0] == 0 and interval[1] == float("inf")
+    where = ("" if interval is None or tuple(interval) == EVERY_STEP
              else f" at t {interval[0]:g}-{interval[1]:g}")
     print(f"{result['model']} ({args.bundle}), {result['steps']} steps, guidance "
           f"{result['guidance']:g}{where}, seed {args.seed}")
