@@ -127,6 +127,21 @@ def _mean(losses: list[torch.Tensor]) -> float:
     return float(torch.stack(losses).float().mean()) if losses else float("nan")
 
 
+def resume_problem(path, steps: int) -> str | None:
+    """Why `--resume` from the checkpoint at `path` cannot train up to `steps` optimizer steps
+    in all, or None when it can. `--steps` counts from the start of training: a checkpoint
+    already there would leave the loop nothing to do (and nothing to save but NaN losses)."""
+    from pathlib import Path
+
+    if not Path(path).is_file():
+        return f"--resume: {path} does not exist"
+    done = checkpoint_steps(path)
+    if done >= steps:
+        return (f"--resume: {path} is at step {done:,}, not below --steps {steps:,} (--steps "
+                f"counts from the start of training, the checkpoint's steps included)")
+    return None
+
+
 def checkpoint_steps(path) -> int:
     """The optimizer steps a checkpoint of the training scripts was saved at (its metadata):
     where a resumed run counts on from."""

@@ -36,7 +36,7 @@ from effgen.models.configs import get_spec
 from effgen.models.denoiser import WEIGHTS_DIR
 from effgen.models.ecar import ECAR, config_of, load_checkpoint, save_checkpoint
 from effgen.models.training import (TrainConfig, TrainingDiverged, checkpoint_steps, train,
-                                    training_pictures)
+                                    resume_problem, training_pictures)
 
 MODELS = ("ecar-ref", "ecar-flowar-ref", "ecar-single-stage-ref", "ecar-tiny")
 
@@ -44,7 +44,8 @@ MODELS = ("ecar-ref", "ecar-flowar-ref", "ecar-single-stage-ref", "ecar-tiny")
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", choices=MODELS)
-    p.add_argument("--steps", type=int, default=100_000, help="optimizer steps (upper bound)")
+    p.add_argument("--steps", type=int, default=100_000,
+                   help="optimizer steps in all, a resumed checkpoint's included (upper bound)")
     p.add_argument("--minutes", type=float, default=None, help="stop after this much wall time")
     p.add_argument("--batch", type=int, default=48)
     p.add_argument("--lr", type=float, default=5e-4)
@@ -67,8 +68,8 @@ def main(argv=None):
     spec = get_spec(args.model)
     cfg = config_of(spec)
     out = args.out or WEIGHTS_DIR / f"{args.model}.safetensors"
-    if args.resume and not out.is_file():
-        p.error(f"--resume: {out} does not exist")
+    if args.resume and (problem := resume_problem(out, args.steps)):
+        p.error(problem)
 
     t0 = time.time()
     dev = torch.device(args.device)

@@ -79,7 +79,7 @@ from effgen.models import refdata
 from effgen.models.configs import DDPM_LINEAR, get_spec
 from effgen.models.denoiser import WEIGHTS_DIR, build_denoiser
 from effgen.models.training import (TrainConfig, TrainingDiverged, checkpoint_steps,
-                                    dit_init, label_dropout_by_caller, min_snr_weight,
+                                    dit_init, label_dropout_by_caller, min_snr_weight, resume_problem,
                                     train, training_pictures)
 
 
@@ -157,7 +157,8 @@ def loss_by_noise(model, spec, alphas_cumprod: torch.Tensor, x0: torch.Tensor, c
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", choices=["pixart-ref", "dit-ref"])
-    p.add_argument("--steps", type=int, default=100_000, help="optimizer steps (upper bound)")
+    p.add_argument("--steps", type=int, default=100_000,
+                   help="optimizer steps in all, a resumed checkpoint's included (upper bound)")
     p.add_argument("--minutes", type=float, default=None, help="stop after this much wall time")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--lr", type=float, default=4e-4)
@@ -200,8 +201,8 @@ def main(argv=None):
     spec = get_spec(args.model)
     if args.patch_size is not None:
         spec = dataclasses.replace(spec, transformer={**spec.transformer, "patch_size": args.patch_size})
-    if args.resume and not out.is_file():
-        p.error(f"--resume: {out} does not exist")
+    if args.resume and (problem := resume_problem(out, args.steps)):
+        p.error(problem)
     if args.loss_by_noise is not None:
         if args.loss_by_noise < 1:
             p.error("--loss-by-noise: give a number of pictures, at least 1")

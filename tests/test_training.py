@@ -146,7 +146,7 @@ def test_min_snr_weight_is_min_snr_gamma_on_the_x0_error_whatever_the_target(v_p
 
 @pytest.mark.parametrize("script,model", [("train_ecar", "ecar-tiny"), ("train_reference", "dit-ref")])
 def test_training_scripts_resume_from_their_checkpoint_and_count_steps_on(tmp_path, script, model,
-                                                                         sample_script):
+                                                                         sample_script, capsys):
     from safetensors import safe_open
     from safetensors.torch import load_file
 
@@ -174,8 +174,14 @@ def test_training_scripts_resume_from_their_checkpoint_and_count_steps_on(tmp_pa
     with pytest.raises(SystemExit, match="error: training diverged .*checkpoint of step 3 is kept"):
         train_to(tmp_path / "a.safetensors", 6, "--resume", "--lr", "1e30")
     assert (tmp_path / "a.safetensors").read_bytes() == before
+    # --steps counts from the start of training: a checkpoint already there is a clean error.
+    with pytest.raises(SystemExit):
+        train_to(tmp_path / "a.safetensors", 3, "--resume")
+    assert "is at step 3, not below --steps 3" in capsys.readouterr().err
+    assert (tmp_path / "a.safetensors").read_bytes() == before
     with pytest.raises(SystemExit):  # nothing to resume from
         train_to(tmp_path / "missing.safetensors", 2, "--resume")
+    assert "does not exist" in capsys.readouterr().err
 
 
 def test_loss_by_noise_reports_the_shipped_dit_ref_against_an_untrained_one(tmp_path, sample_script):
