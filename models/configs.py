@@ -157,13 +157,16 @@ _SPECS = [
     # epsilon model's x0 estimate divides its error by sqrt(alpha_bar) ~ 0.006, which a small,
     # briefly trained model cannot afford (measured: x0 estimates of +-200 from pure noise).
     # Guidance: the setting of least fd (samples/guidance_sweep.py; README, Reference models).
-    # pixart-ref at 2.0: fd 63.8, attr_acc 0.956 over 1024 images (at 1.5, the least fd over
-    # 256 images: 66.6 and 0.945). dit-ref at 3.0 on the steps at t <= 450 and unguided above:
-    # fd 240, class_acc 0.725 over 1024 images, against 274 and 0.663 at 2.0 on every step, the
-    # least fd without an interval (3.0 on every step: 361 and 0.785). ECAR's fd is least at 3.0.
+    # pixart-ref at 2.0 on the steps at t <= 450 and unguided above: fd 55.5, attr_acc 0.952
+    # over 1024 images, against 63.8 and 0.956 at 2.0 on every step (t <= 300: 57.6 / 0.944,
+    # t <= 600: 56.9 / 0.954; 1.5 and 2.5-3.0 higher fd at every interval). dit-ref at 3.0 on
+    # the steps at t <= 450 and unguided above: fd 240, class_acc 0.725 over 1024 images,
+    # against 274 and 0.663 at 2.0 on every step, the least fd without an interval (3.0 on
+    # every step: 361 and 0.785). ECAR's fd is least at 3.0.
     ModelSpec("pixart-ref", "pixart",
               {**_pixart(6, 4, 32, 32, 384), "in_channels": 3, "out_channels": 3, "patch_size": 4},
-              text=MINILM, latent_space=False, guidance=2.0, weights="pixart-ref.safetensors",
+              text=MINILM, latent_space=False, guidance=2.0, guidance_interval=(0, 450),
+              weights="pixart-ref.safetensors",
               scheduler=REF_SCHEDULER),
     ModelSpec("dit-ref", "dit",
               {**_dit(6, 4, 32, 32, 20), "in_channels": 3, "out_channels": 3, "patch_size": 4},

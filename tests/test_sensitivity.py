@@ -148,7 +148,8 @@ def test_final_metric_is_the_noise_ratio_of_the_final_samples_with_the_layer_alo
 
     def final(ctx=None):
         x = sample(d, noise, cond, uncond, spec.scheduler, 3, spec.guidance, cmask, umask,
-                   on_step=None if ctx is None else ctx.on_step)
+                   on_step=None if ctx is None else ctx.on_step,
+                   guidance_interval=spec.guidance_interval)
         return x if spec.latent_space else x.clamp(-1, 1)
 
     with torch.no_grad():
