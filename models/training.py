@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -131,8 +132,6 @@ def resume_problem(path, steps: int) -> str | None:
     """Why `--resume` from the checkpoint at `path` cannot train up to `steps` optimizer steps
     in all, or None when it can. `--steps` counts from the start of training: a checkpoint
     already there would leave the loop nothing to do (and nothing to save but NaN losses)."""
-    from pathlib import Path
-
     if not Path(path).is_file():
         return f"--resume: {path} does not exist"
     done = checkpoint_steps(path)
