@@ -64,6 +64,9 @@ def train(model: torch.nn.Module, ema_model: torch.nn.Module, ema_of: torch.nn.M
     saves over the checkpoint it started from, and one NaN step would turn every weight of it
     into NaN (measured on an H200: dit-ref at lr 1e-3, batch 2048, 3,100 steps into a resumed
     run). Returns the final step and the mean loss of the last 500 steps."""
+    if cfg.steps <= first_step:  # the scripts say so before drawing data (resume_problem)
+        raise ValueError(f"nothing to train: the budget of {cfg.steps} steps is already reached "
+                         f"at step {first_step}")
     device = next(model.parameters()).device
     on_cuda = device.type == "cuda"
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0, betas=(0.9, 0.99),

@@ -63,6 +63,15 @@ def test_a_nan_step_stops_training_before_it_is_saved():
     assert torch.isnan(model.weight).all()  # what would have been saved
 
 
+def test_a_budget_already_reached_is_an_error_not_a_divergence():
+    model = torch.nn.Linear(4, 1)
+    ema = torch.nn.Linear(4, 1).requires_grad_(False)
+    saved = []
+    with pytest.raises(ValueError, match="nothing to train"):
+        train(model, ema, model, lambda: model.weight.sum(), TrainConfig(steps=5), saved.append, 5)
+    assert saved == []
+
+
 @pytest.mark.parametrize("name", ["dit-tiny", "pixart-tiny"])
 def test_dit_init_zeroes_residual_writes_and_output_but_the_output_layer_still_learns(name):
     model = build_denoiser(get_spec(name))
