@@ -10,6 +10,7 @@ only when it is printed, so the GPU is never waited on inside the loop.
 
 from __future__ import annotations
 
+import argparse
 import math
 import time
 from dataclasses import dataclass
@@ -121,6 +122,30 @@ def train(model: torch.nn.Module, ema_model: torch.nn.Module, ema_of: torch.nn.M
             break
     checked_save(step)
     return step, _mean(losses)
+
+
+def add_training_arguments(p: argparse.ArgumentParser, *, batch: int, lr: float) -> None:
+    """The options every training script takes, with the script's own default batch and
+    learning rate: the budget, the optimiser, the pictures, the device and the checkpoint."""
+    p.add_argument("--steps", type=int, default=100_000,
+                   help="optimizer steps in all, a resumed checkpoint's included (upper bound)")
+    p.add_argument("--minutes", type=float, default=None, help="stop after this much wall time")
+    p.add_argument("--batch", type=int, default=batch)
+    p.add_argument("--lr", type=float, default=lr)
+    p.add_argument("--data-size", type=int, default=30_000, help="pictures drawn for training")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (CUDA: bf16 autocast)")
+    p.add_argument("--data-workers", type=int, default=1,
+                   help="processes drawing the pictures (the same pictures for any number)")
+    p.add_argument("--ema", type=float, default=0.995,
+                   help="EMA decay of the saved weights (0.995: a ~200-step window, which suits "
+                   "runs of a few thousand steps)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="the checkpoint (default: the shipped weights, models/weights/MODEL.safetensors)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the EMA weights in --out (fresh optimizer state; the step "
+                   "count continues from the checkpoint's metadata)")
 
 
 def _all_finite(tensors: list[torch.Tensor]) -> bool:

@@ -28,15 +28,14 @@ import copy
 import json
 import sys
 import time
-from pathlib import Path
 
 import torch
 
 from effgen.models.configs import get_spec
 from effgen.models.denoiser import WEIGHTS_DIR
 from effgen.models.ecar import ECAR, config_of, load_checkpoint, save_checkpoint
-from effgen.models.training import (TrainConfig, TrainingDiverged, checkpoint_steps, train,
-                                    resume_problem, training_pictures)
+from effgen.models.training import (TrainConfig, TrainingDiverged, add_training_arguments,
+                                    checkpoint_steps, resume_problem, train, training_pictures)
 
 MODELS = ("ecar-ref", "ecar-flowar-ref", "ecar-single-stage-ref", "ecar-tiny")
 
@@ -44,24 +43,8 @@ MODELS = ("ecar-ref", "ecar-flowar-ref", "ecar-single-stage-ref", "ecar-tiny")
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", choices=MODELS)
-    p.add_argument("--steps", type=int, default=100_000,
-                   help="optimizer steps in all, a resumed checkpoint's included (upper bound)")
-    p.add_argument("--minutes", type=float, default=None, help="stop after this much wall time")
-    p.add_argument("--batch", type=int, default=48)
-    p.add_argument("--lr", type=float, default=5e-4)
-    p.add_argument("--data-size", type=int, default=30_000, help="pictures drawn for training")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--ema", type=float, default=0.995,
-                   help="EMA decay of the saved weights (as samples/train_reference.py)")
+    add_training_arguments(p, batch=48, lr=5e-4)
     p.add_argument("--save-every", type=int, default=500)
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (CUDA: bf16 autocast)")
-    p.add_argument("--data-workers", type=int, default=1,
-                   help="processes drawing the pictures (the same pictures for any number)")
-    p.add_argument("--out", type=Path, default=None)
-    p.add_argument("--resume", action="store_true",
-                   help="continue from the EMA weights in --out (fresh optimizer state; the step "
-                   "count continues from the checkpoint's metadata), as train_reference.py does")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -82,9 +82,9 @@ from safetensors.torch import save_file
 from effgen.models import refdata
 from effgen.models.configs import DDPM_LINEAR, get_spec
 from effgen.models.denoiser import WEIGHTS_DIR, build_denoiser
-from effgen.models.training import (TrainConfig, TrainingDiverged, checkpoint_steps,
-                                    dit_init, label_dropout_by_caller, min_snr_weight, resume_problem,
-                                    train, training_pictures)
+from effgen.models.training import (TrainConfig, TrainingDiverged, add_training_arguments,
+                                    checkpoint_steps, dit_init, label_dropout_by_caller,
+                                    min_snr_weight, resume_problem, train, training_pictures)
 
 
 def ddpm_alphas_cumprod() -> torch.Tensor:
@@ -189,24 +189,10 @@ def shape_swapped_conds(spec, attrs: list[refdata.Attributes], device) -> list[t
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", choices=["pixart-ref", "dit-ref"])
-    p.add_argument("--steps", type=int, default=100_000,
-                   help="optimizer steps in all, a resumed checkpoint's included (upper bound)")
-    p.add_argument("--minutes", type=float, default=None, help="stop after this much wall time")
-    p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--lr", type=float, default=4e-4)
-    p.add_argument("--data-size", type=int, default=30_000, help="pictures drawn for training")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (CUDA: bf16 autocast)")
-    p.add_argument("--data-workers", type=int, default=1,
-                   help="processes drawing the pictures (the same pictures for any number)")
+    add_training_arguments(p, batch=64, lr=4e-4)
     p.add_argument("--caption-states", type=Path, default=None,
                    help="pixart-ref: cache file of the captions' MiniLM states (read if it "
                    "exists, else written): lets a machine without the encoder train")
-    p.add_argument("--out", type=Path, default=None)
-    p.add_argument("--ema", type=float, default=0.995,
-                   help="EMA decay of the saved weights (0.995: a ~200-step window, which suits "
-                   "runs of a few thousand steps)")
     p.add_argument("--patch-size", type=int, default=None,
                    help="train at another patch size than the spec's (to ship the result, change "
                    "the spec in models/configs.py)")
@@ -220,12 +206,9 @@ def main(argv=None):
     p.add_argument("--loss-by-noise", type=int, default=None, metavar="N",
                    help="train nothing: print the conditional training loss of the checkpoint "
                    "(--out, else the shipped weights) on N training pictures in ten ranges of "
-                   "timesteps, and its implicit shape accuracy, and write them to --json (`python samples/train_reference.py "
-                   "dit-ref --loss-by-noise 512`)")
+                   "timesteps, and its implicit shape accuracy, and write them to --json "
+                   "(`python samples/train_reference.py dit-ref --loss-by-noise 512`)")
     p.add_argument("--json", type=Path, default=None, help="with --loss-by-noise: write the table here")
-    p.add_argument("--resume", action="store_true",
-                   help="continue from the EMA weights in --out (fresh optimizer state; the step "
-                   "count continues from the checkpoint's metadata)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
