@@ -231,13 +231,6 @@ def main(argv=None):
     dev = torch.device(args.device)
     images, attrs = training_pictures(args.data_size, args.seed, workers=args.data_workers)
     x_all = (torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1).to(dev)
-    if spec.family == "pixart":
-        index, states, mask = caption_table(refdata.split("train"), args.caption_states)
-        states, mask = states.to(dev), mask.to(dev)
-        cond_idx = torch.tensor([index[a.caption] for a in attrs], device=dev)
-        null_idx = index[""]
-    else:
-        labels = torch.tensor([a.class_id for a in attrs], device=dev)
     print(f"data: {len(attrs)} pictures in {time.time() - t0:.0f}s", flush=True)
 
     model = build_denoiser(spec, seed=args.seed).train()
@@ -264,7 +257,13 @@ def main(argv=None):
         return
     if args.resume:
         print(f"resuming from {out} at step {first_step}", flush=True)
-    if spec.family == "dit":
+    if spec.family == "pixart":
+        index, states, mask = caption_table(refdata.split("train"), args.caption_states)
+        states, mask = states.to(dev), mask.to(dev)
+        cond_idx = torch.tensor([index[a.caption] for a in attrs], device=dev)
+        null_idx = index[""]
+    else:
+        labels = torch.tensor([a.class_id for a in attrs], device=dev)
         label_dropout_by_caller(model.transformer)
     model.to(dev)
     ema = copy.deepcopy(model.transformer).eval().requires_grad_(False)

@@ -153,17 +153,20 @@ def test_min_snr_weight_is_min_snr_gamma_on_the_x0_error_whatever_the_target(v_p
     assert torch.allclose(weighted, expected, rtol=1e-4)
 
 
-@pytest.mark.parametrize("script,model", [("train_ecar", "ecar-tiny"), ("train_reference", "dit-ref")])
+@pytest.mark.parametrize("script,model", [("train_ecar", "ecar-tiny"), ("train_reference", "dit-ref"),
+                                          ("train_reference", "pixart-ref")])
 def test_training_scripts_resume_from_their_checkpoint_and_count_steps_on(tmp_path, script, model,
                                                                          sample_script, capsys):
     from safetensors import safe_open
     from safetensors.torch import load_file
 
     run = sample_script(script).main
+    # pixart-ref: the captions' MiniLM states encoded once, then read from the cache
+    cache = ["--caption-states", str(tmp_path / "states.safetensors")] if model == "pixart-ref" else []
 
     def train_to(out, steps, *extra):
         run([model, "--steps", str(steps), "--batch", "2", "--data-size", "8", "--threads", "1",
-             "--out", str(out), *extra])
+             "--out", str(out), *cache, *extra])
         with safe_open(str(out), "pt") as f:
             return load_file(out), f.metadata()["steps"]
 
