@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
+from safetensors.torch import load_file
 
 import pytest
 
 from effgen.models.configs import get_spec
-from effgen.models.denoiser import build_denoiser
+from effgen.models.denoiser import WEIGHTS_DIR, build_denoiser
 from effgen.models.training import (TrainConfig, TrainingDiverged, dit_init,
                                     label_dropout_by_caller, learning_rate, min_snr_weight, train)
 
@@ -158,7 +160,6 @@ def test_min_snr_weight_is_min_snr_gamma_on_the_x0_error_whatever_the_target(v_p
 def test_training_scripts_resume_from_their_checkpoint_and_count_steps_on(tmp_path, script, model,
                                                                          sample_script, capsys):
     from safetensors import safe_open
-    from safetensors.torch import load_file
 
     run = sample_script(script).main
     # pixart-ref: the captions' MiniLM states encoded once, then read from the cache
@@ -170,7 +171,9 @@ def test_training_scripts_resume_from_their_checkpoint_and_count_steps_on(tmp_pa
         with safe_open(str(out), "pt") as f:
             return load_file(out), f.metadata()["steps"]
 
-    first, _ = train_to(tmp_path / "a.safetensors", 2)
+    # dit-ref: with the distillation from pixart-ref (--distill-from) on the way
+    distill = ["--distill-from", "pixart-ref", "--distill-batch", "2"] if model == "dit-ref" else []
+    first, _ = train_to(tmp_path / "a.safetensors", 2, *distill)
     # Resumed with another seed: the weights continue from the checkpoint, where a fresh run
     # with that seed starts from its own initialisation.
     resumed, steps = train_to(tmp_path / "a.safetensors", 3, "--resume", "--seed", "1")
@@ -230,3 +233,53 @@ def test_loss_by_noise_reports_the_shipped_models_against_an_untrained_one(tmp_p
     pixart = json.loads(pixart.read_text())["bins"]
     assert all(0 <= r["shape_acc"] <= 1 for r in shipped + fresh + pixart)
     assert low(fresh) < 0.5 < low(shipped) < low(pixart)
+
+
+def test_dit_ref_distils_from_pixart_ref_on_the_shape_swapped_captions(sample_script):
+    """`train_reference.py dit-ref --distill-from pixart-ref`: each condition row pairs the
+    teacher's caption with the student's class for the same request, and steps on the loss
+    move dit-ref toward pixart-ref."""
+    from effgen.models import refdata
+    from effgen.models.training import training_pictures
+
+    script = sample_script("train_reference")
+    images, attrs = training_pictures(8, 0)
+    distill = script.ShapeSwapDistillation("pixart-ref", attrs, 20, "cpu")
+    assert distill.rows == len(refdata.SHAPES) + 1
+    for i, a in enumerate(attrs):
+        for k, shape in enumerate(refdata.SHAPES):
+            swapped = dataclasses.replace(a, shape=shape)
+            assert distill.caption_text[distill.captions[k, i]] == swapped.caption
+            assert distill.labels[k, i] == swapped.class_id
+        assert distill.caption_text[distill.captions[-1, i]] == ""
+        assert distill.labels[-1, i] == 20  # the null class
+
+    student = build_denoiser(get_spec("dit-ref"))
+    student.transformer.load_state_dict(load_file(WEIGHTS_DIR / "dit-ref.safetensors"))
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
+    picture = torch.arange(8).repeat(5)
+    row = torch.arange(5).repeat_interleave(8)
+    t = torch.randint(100, 500, (40,), generator=g)
+    xt = script.add_noise(script.ddpm_alphas_cumprod(), x0[picture], t,
+                          torch.randn(40, 3, 32, 32, generator=g))
+    opt = torch.optim.Adam(student.parameters(), lr=1e-4)
+    losses = []
+    for _ in range(5):
+        loss = distill.loss(student, xt, t, picture, row)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    assert losses[-1] < 0.8 * losses[0], losses
+
+
+@pytest.mark.parametrize("args,message", [
+    (["pixart-ref", "--distill-from", "pixart-ref"], "only dit-ref learns from pixart-ref"),
+    (["dit-ref", "--distill-from", "pixart-ref", "--distill-t-max", "0"], "--distill-t-max: a timestep"),
+    (["dit-ref", "--distill-from", "pixart-ref", "--distill-batch", "0"], "--distill-batch: at least 1"),
+])
+def test_bad_distillation_options_are_one_line_errors(sample_script, capsys, args, message):
+    with pytest.raises(SystemExit):
+        sample_script("train_reference").main(args)
+    assert message in capsys.readouterr().err
