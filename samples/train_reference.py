@@ -48,9 +48,11 @@ is 1.4-2.0x pixart-ref's below t 500 (where the picture shows the shape and the 
 its detail) and 9-41x above t 700, where its class label leaves position, size and
 background open and the best prediction is their mean. It also prints the model's implicit
 shape classifier: how often the picture's own shape, of the four asked for in turn, gives the
-least error. Where the shape is decided it is 0.67 (t 200-299) and 0.47 (t 400-499) for
-dit-ref against 0.97 and 0.85 for pixart-ref: dit-ref's prediction hardly depends on the shape
-its class asks for, and guidance can only amplify that dependence.
+least error, and the shape effect: the mean squared change of the prediction when another
+shape is asked for. Where the shape is decided the classifier reads 0.67 (t 200-299) and 0.47
+(t 400-499) for dit-ref against 0.97 and 0.85 for pixart-ref, and the effect is 0.0016 against
+0.017 (t 200-299): dit-ref's prediction hardly depends on the shape its class asks for, and
+guidance can only amplify that dependence.
 
 `--distill-from pixart-ref` (dit-ref) teaches that dependence from pixart-ref, which has it:
 dit-ref's prediction for a shape's class is regressed on pixart-ref's for the picture's caption
@@ -144,13 +146,19 @@ def noised_loss(model, spec, alphas_cumprod: torch.Tensor, x0: torch.Tensor, t: 
     """The training loss of each sample: the model's squared error on its target (v or
     epsilon, as the spec's scheduler says) for `x0` noised with `eps` to timestep `t`.
     `cond`: the model's conditioning inputs after the noisy picture and the timestep."""
-    a = alphas_cumprod[t].view(-1, 1, 1, 1)
     pred = model(add_noise(alphas_cumprod, x0, t, eps), t.float(), *cond)
-    if spec.scheduler["prediction_type"] == "v_prediction":  # v = sqrt(abar) eps - sqrt(1 - abar) x0
-        target = a.sqrt() * eps - (1 - a).sqrt() * x0
-    else:
-        target = eps
+    target = training_target(spec, alphas_cumprod, x0, t, eps)
     return (pred[:, :spec.in_channels].float() - target).square().mean(dim=(1, 2, 3))
+
+
+def training_target(spec, alphas_cumprod: torch.Tensor, x0: torch.Tensor, t: torch.Tensor,
+                    eps: torch.Tensor) -> torch.Tensor:
+    """What the model predicts for `x0` noised with `eps` to `t`: v or epsilon, as the spec's
+    scheduler says."""
+    if spec.scheduler["prediction_type"] == "v_prediction":  # v = sqrt(abar) eps - sqrt(1 - abar) x0
+        a = alphas_cumprod[t].view(-1, 1, 1, 1)
+        return a.sqrt() * eps - (1 - a).sqrt() * x0
+    return eps
 
 
 @torch.no_grad()
@@ -168,22 +176,28 @@ def loss_by_noise(model, spec, alphas_cumprod: torch.Tensor, x0: torch.Tensor,
     timestep) with every picture's shape replaced by shape k, its other attributes kept;
     `shape`: each picture's own shape, whose entry is its own condition and gives the loss.
     `shape_acc` is the model's implicit shape classifier: the fraction of pictures whose own
-    shape's condition gives the least squared error, which is how much the prediction depends
-    on the shape the condition asks for."""
+    shape's condition gives the least squared error; `shape_effect`, the mean squared difference
+    between the prediction for another shape and for the picture's own: both say how much the
+    prediction depends on the shape the condition asks for."""
     g = torch.Generator(x0.device).manual_seed(seed)
     edges = torch.linspace(0, len(alphas_cumprod), bins + 1).round().long().tolist()
     rows = []
     for lo, hi in zip(edges[:-1], edges[1:]):
         t = torch.randint(lo, hi, (len(x0),), generator=g, device=x0.device)
         eps = torch.randn(x0.shape, generator=g, device=x0.device)
-        err = torch.stack([
-            torch.cat([noised_loss(model, spec, alphas_cumprod, x0[i:i + batch], t[i:i + batch],
-                                   eps[i:i + batch], tuple(c[i:i + batch] for c in cond))
+        xt = add_noise(alphas_cumprod, x0, t, eps)
+        pred = torch.stack([  # [pictures, shapes, channels, height, width]
+            torch.cat([model(xt[i:i + batch], t[i:i + batch].float(),
+                             *(c[i:i + batch] for c in cond))[:, :spec.in_channels].float()
                        for i in range(0, len(x0), batch)])
             for cond in shape_conds], dim=1)
-        own = err.gather(1, shape[:, None])[:, 0]
-        rows.append({"t_from": lo, "t_to": hi - 1, "loss": float(own.mean()),
-                     "shape_acc": float((err.argmin(1) == shape).float().mean())})
+        err = (pred - training_target(spec, alphas_cumprod, x0, t, eps)[:, None]).square().mean(dim=(2, 3, 4))
+        own = pred[torch.arange(len(x0), device=x0.device), shape]
+        effect = (pred - own[:, None]).square().mean(dim=(2, 3, 4)).sum(1) / (len(shape_conds) - 1)
+        rows.append({"t_from": lo, "t_to": hi - 1,
+                     "loss": float(err.gather(1, shape[:, None]).mean()),
+                     "shape_acc": float((err.argmin(1) == shape).float().mean()),
+                     "shape_effect": float(effect.mean())})
     return rows
 
 
@@ -210,9 +224,9 @@ class ShapeSwapDistillation:
     caption's is the target of the null class's.
 
     It teaches what denoising on the pictures teaches slowly: how the prediction changes with
-    the shape asked for. Measured on the shipped weights before it, at t < 400 the energy of
-    the difference between two shapes' predictions was 0.002 for dit-ref against 0.017-0.035
-    for pixart-ref (README, Reference models)."""
+    the shape asked for. Measured on the shipped weights before it (`--loss-by-noise 512`'s
+    shape effect), at t < 300 the prediction changed 0.0015-0.0029 with the shape asked for
+    against pixart-ref's 0.017-0.036 (README, Reference models)."""
 
     def __init__(self, teacher: str, attrs: list[refdata.Attributes], num_classes: int, device,
                  caption_states: Path | None = None):
@@ -329,7 +343,7 @@ def main(argv=None):
         print(f"{args.model} at step {first_step} ({out}), {len(x_all)} pictures:")
         for r in rows:
             print(f"  t {r['t_from']:>3}-{r['t_to']:<3}  loss {r['loss']:.4f}  "
-                  f"implicit shape accuracy {r['shape_acc']:.3f}")
+                  f"implicit shape accuracy {r['shape_acc']:.3f}  shape effect {r['shape_effect']:.4f}")
         if args.json is not None:
             args.json.write_text(json.dumps({"model": args.model, "checkpoint": str(out),
                                              "steps": first_step, "pictures": len(x_all),
