@@ -59,9 +59,11 @@ dit-ref's prediction for a shape's class is regressed on pixart-ref's for the pi
 with that shape word (ShapeSwapDistillation). Measured on this CPU from the shipped weights,
 50 minutes of a scratch version that drew no null condition, then 40 of this one (`--resume
 --threads 1 --batch 32 --lr 2e-4 --ema 0.999 --data-size 100000 --distill-from pixart-ref
---distill-t-max 500`, 9,389 steps): shape accuracy 0.735 -> 0.808 at the default sampler, fd 273 -> 322 (1024 images); at
-the same fd, stronger guidance on the shipped weights reads 0.764. Not shipped: see the README,
-Reference models. The next GPU run:
+--distill-t-max 500`, 9,389 steps): shape accuracy 0.735 -> 0.808 at the default sampler,
+fd 273 -> 322 (1024 images); at the same fd, stronger guidance on the shipped weights reads
+0.764. Not shipped: see the README, Reference models. The next GPU run (its caption cache
+written beforehand where MiniLM is installed, by any run with the same --distill-from and
+--caption-states, e.g. one of --steps 1 into a scratch --out):
 
     --resume --device cuda --batch 2048 --lr 4e-4 --ema 0.999 --data-size 600000 --data-workers 12 --distill-from pixart-ref --distill-batch 1024 --distill-t-max 500 --caption-states all-captions.safetensors --minutes N
 
