@@ -59,9 +59,9 @@ dit-ref's prediction for a shape's class is regressed on pixart-ref's for the pi
 with that shape word (ShapeSwapDistillation). Measured on this CPU from the shipped weights,
 50 minutes of a scratch version that drew no null condition, then 40 of this one (`--resume
 --threads 1 --batch 32 --lr 2e-4 --ema 0.999 --data-size 100000 --distill-from pixart-ref
---distill-t-max 500`, 9,389 steps): shape accuracy 0.735 -> 0.808 at the default sampler,
-fd 273 -> 322 (1024 images); at the same fd, stronger guidance on the shipped weights reads
-0.764. Not shipped: see the README, Reference models. The next GPU run (its caption cache
+--distill-t-max 500`, 9,389 steps): `effgen eval`, 1024 images at the default sampler,
+class_acc 0.725 -> 0.813 and fd 240 -> 305; stronger guidance on the shipped weights gives
+0.774 / 282 and 0.793 / 324. Not shipped: see the README, Reference models. The next GPU run (its caption cache
 written beforehand where MiniLM is installed, by any run with the same --distill-from and
 --caption-states, e.g. one of --steps 1 into a scratch --out):
 
@@ -203,20 +203,32 @@ def loss_by_noise(model, spec, alphas_cumprod: torch.Tensor, x0: torch.Tensor,
     return rows
 
 
+def swapped_classes(attrs: list[refdata.Attributes], num_classes: int) -> torch.Tensor:
+    """dit-ref's condition for every picture asking for each shape in turn, [5, pictures]: row
+    k < 4 the class of shape k in the picture's colour, row 4 the null class."""
+    return torch.tensor([[refdata.class_id(s, a.colour) for a in attrs] for s in refdata.SHAPES]
+                        + [[num_classes] * len(attrs)])
+
+
+def swapped_captions(attrs: list[refdata.Attributes], cache: Path | None = None):
+    """pixart-ref's condition for every picture asking for each shape in turn: (rows [5,
+    pictures] of indices into states/mask, states, mask, the caption of each index); row k < 4
+    the picture's caption with shape k, row 4 the empty caption. All 1,080 captions the data
+    set can write are encoded (caption_table; `cache` as there)."""
+    index, states, mask = caption_table(refdata.all_combinations(), cache)
+    rows = torch.tensor([[index[dataclasses.replace(a, shape=s).caption] for a in attrs]
+                         for s in refdata.SHAPES] + [[index[""]] * len(attrs)])
+    return rows, states, mask, list(index)
+
+
 def shape_swapped_conds(spec, attrs: list[refdata.Attributes], device) -> list[tuple]:
-    """loss_by_noise's `shape_conds`: each picture's condition asking for each shape in turn
-    (dit-ref: the class of that shape in the picture's colour; pixart-ref: the MiniLM states
-    of its caption with the shape word swapped)."""
+    """loss_by_noise's `shape_conds`: each picture's condition asking for each shape in turn."""
+    shapes = range(len(refdata.SHAPES))
     if spec.family == "dit":
-        return [(torch.tensor([refdata.class_id(s, a.colour) for a in attrs], device=device),)
-                for s in refdata.SHAPES]
-    swapped = [[dataclasses.replace(a, shape=s) for a in attrs] for s in refdata.SHAPES]
-    index, states, mask = caption_table([a for row in swapped for a in row])
-    conds = []
-    for row in swapped:
-        i = torch.tensor([index[a.caption] for a in row])
-        conds.append((states[i].to(device), mask[i].to(device)))
-    return conds
+        labels = swapped_classes(attrs, spec.num_classes).to(device)
+        return [(labels[k],) for k in shapes]
+    rows, states, mask, _ = swapped_captions(attrs)
+    return [(states[rows[k]].to(device), mask[rows[k]].to(device)) for k in shapes]
 
 
 class ShapeSwapDistillation:
@@ -238,16 +250,10 @@ class ShapeSwapDistillation:
         self.teacher = build_denoiser(spec).eval().requires_grad_(False)
         self.teacher.transformer.load_state_dict(load_file(WEIGHTS_DIR / spec.weights))
         self.teacher.to(device)
-        index, states, mask = caption_table(refdata.all_combinations(), caption_states)
-        self.states, self.mask = states.to(device), mask.to(device)
-        self.caption_text = list(index)  # caption_table's order: text of each state row
         # Row k < 4: every picture asking for shape k; row 4: the null condition.
-        self.captions = torch.tensor(
-            [[index[dataclasses.replace(a, shape=s).caption] for a in attrs] for s in refdata.SHAPES]
-            + [[index[""]] * len(attrs)], device=device)
-        self.labels = torch.tensor(
-            [[refdata.class_id(s, a.colour) for a in attrs] for s in refdata.SHAPES]
-            + [[num_classes] * len(attrs)], device=device)
+        captions, states, mask, self.caption_text = swapped_captions(attrs, caption_states)
+        self.captions, self.states, self.mask = captions.to(device), states.to(device), mask.to(device)
+        self.labels = swapped_classes(attrs, num_classes).to(device)
 
     @property
     def rows(self) -> int:
@@ -297,7 +303,7 @@ def main(argv=None):
     p.add_argument("--loss-by-noise", type=int, default=None, metavar="N",
                    help="train nothing: print the conditional training loss of the checkpoint "
                    "(--out, else the shipped weights) on N training pictures in ten ranges of "
-                   "timesteps, and its implicit shape accuracy, and write them to --json "
+                   "timesteps, its implicit shape accuracy and its shape effect, and write them to --json "
                    "(`python samples/train_reference.py dit-ref --loss-by-noise 512`)")
     p.add_argument("--json", type=Path, default=None, help="with --loss-by-noise: write the table here")
     args = p.parse_args(argv)
