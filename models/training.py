@@ -4,8 +4,9 @@ decay over the step or time budget, gradient clipping, EMA weights, periodic che
 
 The scripts own the loss; this owns everything that must be the same for a fair comparison
 of the models they train: the pictures, the optimiser, the schedule, the EMA. On a CUDA device
-the step runs under bf16 autocast (fp32 weights, optimiser and EMA) and the loss is read back
-only when it is printed, so the GPU is never waited on inside the loop.
+the step runs under bf16 autocast (fp32 weights, optimiser and EMA) unless the config asks for
+fp32, and the loss is read back only when it is printed, so the GPU is never waited on inside
+the loop.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ class TrainConfig:
     final_lr_fraction: float = 0.1
     save_every: int = 500
     clip_grad_norm: float = 1.0
+    bf16: bool = True  # on CUDA, bf16 autocast; False: fp32 throughout, as on the CPU
 
 
 def learning_rate(cfg: TrainConfig, done_steps: int, budget_steps: int, elapsed_s: float) -> float:
@@ -55,10 +57,12 @@ class TrainingDiverged(RuntimeError):
 
 
 def train(model: torch.nn.Module, ema_model: torch.nn.Module, ema_of: torch.nn.Module,
-          loss_fn: Callable[[], torch.Tensor], cfg: TrainConfig,
+          loss_fn: Callable[[], torch.Tensor | dict[str, torch.Tensor]], cfg: TrainConfig,
           save: Callable[[int, float], None], first_step: int = 0) -> tuple[int, float]:
     """Optimise `model` with `loss_fn()` (one fresh batch per call) until the budget ends;
     `ema_model` tracks the EMA of `ema_of`'s parameters (the part of `model` that is saved).
+    `loss_fn` returns the loss, or a dict of named terms whose sum is the loss: each term's
+    mean is then printed beside the loss's, so a run shows which of them moves.
     `save(step, mean_recent_loss)` writes a checkpoint every `save_every` steps and at the end.
     A non-finite loss (checked whenever it is printed) or non-finite EMA weights (checked
     before each save) raise TrainingDiverged instead of writing a checkpoint: a resumed run
@@ -74,6 +78,7 @@ def train(model: torch.nn.Module, ema_model: torch.nn.Module, ema_of: torch.nn.M
                             fused=on_cuda)
     ema_params, model_params = list(ema_model.parameters()), list(ema_of.parameters())
     losses: list[torch.Tensor] = []  # kept on the device; read back when printed
+    terms: list[torch.Tensor] = []  # the named terms of the last 100 steps, when there are any
     step, start = first_step, time.time()
     saved_step = first_step if first_step else None  # what is on disk now
 
@@ -96,8 +101,9 @@ def train(model: torch.nn.Module, ema_model: torch.nn.Module, ema_of: torch.nn.M
         for group in opt.param_groups:
             group["lr"] = learning_rate(cfg, step - first_step, cfg.steps - first_step,
                                         time.time() - start)
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=on_cuda):
-            loss = loss_fn()
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=on_cuda and cfg.bf16):
+            out = loss_fn()
+        loss = sum(out.values()) if isinstance(out, dict) else out
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad_norm)
@@ -109,12 +115,18 @@ def train(model: torch.nn.Module, ema_model: torch.nn.Module, ema_of: torch.nn.M
             torch._foreach_lerp_(ema_params, model_params, 1 - decay)
         losses.append(loss.detach())
         losses = losses[-500:]
+        if isinstance(out, dict):
+            terms = [*terms[-99:], torch.stack([v.detach().float() for v in out.values()])]
         elapsed = time.time() - start
         if step % 100 == 0:
             recent = _mean(losses[-100:])
             if not math.isfinite(recent):
                 raise diverged(step)
-            print(f"step {step} loss {recent:.4f} lr {opt.param_groups[0]['lr']:.2e} "
+            parts = ""
+            if isinstance(out, dict):
+                means = torch.stack(terms).mean(0).tolist()
+                parts = " (" + ", ".join(f"{k} {m:.4f}" for k, m in zip(out, means)) + ")"
+            print(f"step {step} loss {recent:.4f}{parts} lr {opt.param_groups[0]['lr']:.2e} "
                   f"{elapsed / done:.3f}s/step {elapsed / 60:.1f}min", flush=True)
         if step % cfg.save_every == 0:
             checked_save(step)
@@ -136,6 +148,9 @@ def add_training_arguments(p: argparse.ArgumentParser, *, batch: int, lr: float)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (CUDA: bf16 autocast)")
+    p.add_argument("--fp32", action="store_true",
+                   help="on CUDA, train in fp32 instead of under bf16 autocast (the CPU always "
+                   "trains in fp32)")
     p.add_argument("--data-workers", type=int, default=1,
                    help="processes drawing the pictures (the same pictures for any number)")
     p.add_argument("--ema", type=float, default=0.995,

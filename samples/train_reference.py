@@ -410,9 +410,11 @@ def main(argv=None):
         t = torch.randint(0, args.distill_t_max, (n,), generator=g, device=dev)
         row = torch.randint(0, distill.rows, (n,), generator=g, device=dev)
         xt = add_noise(acp, x_all[idx], t, torch.randn(x_all[idx].shape, generator=g, device=dev))
-        return err.mean() + args.distill_weight * distill.loss(model, xt, t, idx, row)
+        return {"denoise": err.mean(),
+                "distill": args.distill_weight * distill.loss(model, xt, t, idx, row)}
 
-    cfg = TrainConfig(lr=args.lr, steps=args.steps, minutes=args.minutes, ema=args.ema)
+    cfg = TrainConfig(lr=args.lr, steps=args.steps, minutes=args.minutes, ema=args.ema,
+                      bf16=not args.fp32)
     try:
         step, _ = train(model, ema, model.transformer, loss_fn, cfg, save, first_step)
     except TrainingDiverged as e:

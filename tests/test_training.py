@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 
 import torch
 from safetensors.torch import load_file
@@ -44,6 +45,27 @@ def test_train_fits_a_regression_and_keeps_an_ema_and_checkpoints():
     assert step == 400 and mean_loss < first and loss_fn().item() < 1e-3 * first
     assert saved == [200, 400, 400]
     assert torch.allclose(ema.weight, model.weight, atol=0.05)
+
+
+def test_named_loss_terms_are_summed_and_each_printed(capsys):
+    torch.manual_seed(0)
+    x = torch.randn(256, 4)
+    y = x @ torch.tensor([1.0, -2.0, 0.5, 3.0])
+    model = torch.nn.Linear(4, 1, bias=False)
+    ema = torch.nn.Linear(4, 1, bias=False).requires_grad_(False)
+
+    def loss_fn():  # a fit term and a pull of the weights towards 1, which the fit opposes
+        return {"fit": torch.nn.functional.mse_loss(model(x).squeeze(1), y),
+                "pull": 0.1 * (model.weight - 1).square().sum()}
+
+    first = sum(v.item() for v in loss_fn().values())
+    train(model, ema, model, loss_fn, TrainConfig(lr=0.05, steps=300, warmup=20), lambda s, l: None)
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("step 300 ")]
+    loss, fit, pull = (float(re.search(rf"{k} ([0-9.]+)", lines[0]).group(1))
+                       for k in ("loss", "fit", "pull"))
+    # both terms are optimised: the weights settle between the fit's and the pull's optimum
+    assert fit > 1e-3 and pull > 1e-3 and math.isclose(loss, fit + pull, abs_tol=2e-4)
+    assert loss < 0.1 * first
 
 
 def test_a_nan_step_stops_training_before_it_is_saved():
