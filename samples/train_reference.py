@@ -61,11 +61,16 @@ with that shape word (ShapeSwapDistillation). Measured on this CPU from the ship
 --threads 1 --batch 32 --lr 2e-4 --ema 0.999 --data-size 100000 --distill-from pixart-ref
 --distill-t-max 500`, 9,389 steps): `effgen eval`, 1024 images at the default sampler,
 class_acc 0.725 -> 0.813 and fd 240 -> 305; stronger guidance on the shipped weights gives
-0.774 / 282 and 0.793 / 324. Not shipped: see the README, Reference models. The next GPU run (its caption cache
-written beforehand where MiniLM is installed, by any run with the same --distill-from and
---caption-states, e.g. one of --steps 1 into a scratch --out):
+0.774 / 282 and 0.793 / 324. Not shipped: see the README, Reference models. On an H200 the
+same distillation broke the model (the loss rose from 0.10 to 0.12 over 3,441 steps at lr
+1e-4 and to 1.6 at 4e-4; shape read on 0.653 of the images at fd 398), while a CPU pair,
+under CPU bf16 autocast and in fp32, trained alike. The next GPU run tells CUDA's bf16 from
+the batch size by these two, side by side, each printing its denoise and distill terms (the
+caption cache written beforehand where MiniLM is installed, by any run with the same
+--distill-from and --caption-states, e.g. one of --steps 1 into a scratch --out):
 
-    --resume --device cuda --batch 2048 --lr 4e-4 --ema 0.999 --data-size 600000 --data-workers 12 --distill-from pixart-ref --distill-batch 1024 --distill-t-max 500 --caption-states all-captions.safetensors --minutes N
+    --resume --device cuda --batch 2048 --lr 1e-4 --fp32 --ema 0.999 --data-size 600000 --data-workers 7 --distill-from pixart-ref --distill-batch 1024 --distill-t-max 500 --caption-states all-captions.safetensors --minutes N
+    --resume --device cuda --batch 256 --lr 1e-4 --ema 0.999 --data-size 600000 --data-workers 7 --distill-from pixart-ref --distill-batch 256 --distill-t-max 500 --caption-states all-captions.safetensors --minutes N
 
 Seeded and reproducible for a given --steps (a --minutes budget stops at a step count that
 depends on the machine; the step count reached is stored in the checkpoint's metadata,
