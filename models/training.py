@@ -147,7 +147,8 @@ def add_training_arguments(p: argparse.ArgumentParser, *, batch: int, lr: float)
     p.add_argument("--data-size", type=int, default=30_000, help="pictures drawn for training")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (CUDA: bf16 autocast)")
+    p.add_argument("--device", default="cpu",
+                   help="cpu, cuda, cuda:1, ... (CUDA: bf16 autocast unless --fp32)")
     p.add_argument("--fp32", action="store_true",
                    help="on CUDA, train in fp32 instead of under bf16 autocast (the CPU always "
                    "trains in fp32)")

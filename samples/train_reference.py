@@ -171,7 +171,7 @@ def training_target(spec, alphas_cumprod: torch.Tensor, x0: torch.Tensor, t: tor
 @torch.no_grad()
 def loss_by_noise(model, spec, alphas_cumprod: torch.Tensor, x0: torch.Tensor,
                   shape_conds: list[tuple], shape: torch.Tensor, bins: int = 10, seed: int = 0,
-                  batch: int = 256) -> list[dict]:
+                  batch: int = 256, distill: "ShapeSwapDistillation | None" = None) -> list[dict]:
     """The conditional training loss of the pictures `x0` in each of `bins` equal ranges of
     timesteps (each picture at a seeded timestep of the range, with seeded noise): which noise
     levels a model has learned. At high noise the loss holds the spread of what the condition
@@ -185,7 +185,9 @@ def loss_by_noise(model, spec, alphas_cumprod: torch.Tensor, x0: torch.Tensor,
     `shape_acc` is the model's implicit shape classifier: the fraction of pictures whose own
     shape's condition gives the least squared error; `shape_effect`, the mean squared difference
     between the prediction for another shape and for the picture's own: both say how much the
-    prediction depends on the shape the condition asks for."""
+    prediction depends on the shape the condition asks for. With `distill` (built on the same
+    pictures), `distill` is its loss on the same noisy pictures, averaged over its conditions:
+    how near the model has come to its teacher."""
     g = torch.Generator(x0.device).manual_seed(seed)
     edges = torch.linspace(0, len(alphas_cumprod), bins + 1).round().long().tolist()
     rows = []
@@ -205,6 +207,12 @@ def loss_by_noise(model, spec, alphas_cumprod: torch.Tensor, x0: torch.Tensor,
                      "loss": float(err.gather(1, shape[:, None]).mean()),
                      "shape_acc": float((err.argmin(1) == shape).float().mean()),
                      "shape_effect": float(effect.mean())})
+        if distill is not None:
+            picture = torch.arange(len(x0), device=x0.device)
+            rows[-1]["distill"] = sum(
+                float(distill.loss(model, xt[i:i + batch], t[i:i + batch], picture[i:i + batch],
+                                   torch.full_like(picture[i:i + batch], r))) * len(picture[i:i + batch])
+                for r in range(distill.rows) for i in range(0, len(x0), batch)) / (distill.rows * len(x0))
     return rows
 
 
@@ -308,7 +316,8 @@ def main(argv=None):
     p.add_argument("--loss-by-noise", type=int, default=None, metavar="N",
                    help="train nothing: print the conditional training loss of the checkpoint "
                    "(--out, else the shipped weights) on N training pictures in ten ranges of "
-                   "timesteps, its implicit shape accuracy and its shape effect, and write them to --json "
+                   "timesteps, its implicit shape accuracy and its shape effect (with --distill-from, "
+                   "also the distillation loss), and write them to --json "
                    "(`python samples/train_reference.py dit-ref --loss-by-noise 512`)")
     p.add_argument("--json", type=Path, default=None, help="with --loss-by-noise: write the table here")
     args = p.parse_args(argv)
@@ -348,15 +357,19 @@ def main(argv=None):
 
         model.transformer.load_state_dict(load_file(out))
         first_step = checkpoint_steps(out)
+    distill = (ShapeSwapDistillation(args.distill_from, attrs, spec.num_classes, dev,
+                                     args.caption_states) if args.distill_from else None)
     if args.loss_by_noise:
         model.to(dev).eval()
         shape = torch.tensor([refdata.SHAPES.index(a.shape) for a in attrs], device=dev)
         rows = loss_by_noise(model, spec, ddpm_alphas_cumprod().to(dev), x_all,
-                             shape_swapped_conds(spec, attrs, dev), shape, seed=args.seed)
+                             shape_swapped_conds(spec, attrs, dev), shape, seed=args.seed,
+                             distill=distill)
         print(f"{args.model} at step {first_step} ({out}), {len(x_all)} pictures:")
         for r in rows:
             print(f"  t {r['t_from']:>3}-{r['t_to']:<3}  loss {r['loss']:.4f}  "
-                  f"implicit shape accuracy {r['shape_acc']:.3f}  shape effect {r['shape_effect']:.4f}")
+                  f"implicit shape accuracy {r['shape_acc']:.3f}  shape effect {r['shape_effect']:.4f}"
+                  + (f"  distill {r['distill']:.4f}" if distill is not None else ""))
         if args.json is not None:
             args.json.write_text(json.dumps({"model": args.model, "checkpoint": str(out),
                                              "steps": first_step, "pictures": len(x_all),
@@ -372,8 +385,6 @@ def main(argv=None):
     else:
         labels = torch.tensor([a.class_id for a in attrs], device=dev)
         label_dropout_by_caller(model.transformer)
-    distill = (ShapeSwapDistillation(args.distill_from, attrs, spec.num_classes, dev,
-                                     args.caption_states) if args.distill_from else None)
     model.to(dev)
     ema = copy.deepcopy(model.transformer).eval().requires_grad_(False)
     n_params = sum(p.numel() for p in model.parameters())

@@ -244,6 +244,14 @@ def test_loss_by_noise_reports_the_shipped_models_against_an_untrained_one(tmp_p
     # trained model can only predict their mean, at low noise it sees them.
     assert shipped[-1]["loss"] > 10 * shipped[1]["loss"]
     assert table() == shipped  # seeded
+    # With --distill-from, the distillation loss on the same draws: the shipped weights are
+    # far nearer pixart-ref than an untrained model is.
+    teacher = ("--distill-from", "pixart-ref",
+               "--caption-states", str(tmp_path / "captions.safetensors"))
+    shipped_distill = table(*teacher)
+    assert [{k: v for k, v in r.items() if k != "distill"} for r in shipped_distill] == shipped
+    fresh_distill = table(*teacher, "--out", str(untrained))
+    assert all(s["distill"] < f["distill"] for s, f in zip(shipped_distill, fresh_distill))
     with pytest.raises(SystemExit):
         table("--out", str(tmp_path / "missing.safetensors"))
     # The implicit shape classifier: a model that has not learned the class gets no shape
