@@ -269,16 +269,20 @@ def test_loss_by_noise_reports_the_shipped_models_against_an_untrained_one(tmp_p
     assert effect(fresh) < effect(shipped) < effect(pixart) / 3
 
 
-def test_dit_ref_distils_from_pixart_ref_on_the_shape_swapped_captions(sample_script):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU (training's bf16 autocast)"))])
+def test_dit_ref_distils_from_pixart_ref_on_the_shape_swapped_captions(sample_script, device):
     """`train_reference.py dit-ref --distill-from pixart-ref`: each condition row pairs the
     teacher's caption with the student's class for the same request, and steps on the loss
-    move dit-ref toward pixart-ref."""
+    move dit-ref toward pixart-ref. On CUDA the steps run under bf16 autocast as training's
+    do, and the teacher's targets there must be the CPU's within bf16 rounding (two H200 runs
+    of the distillation broke dit-ref where CPU runs improved it: README)."""
     from effgen.models import refdata
     from effgen.models.training import training_pictures
 
     script = sample_script("train_reference")
     images, attrs = training_pictures(8, 0)
-    distill = script.ShapeSwapDistillation("pixart-ref", attrs, 20, "cpu")
+    distill = script.ShapeSwapDistillation("pixart-ref", attrs, 20, device)
     assert distill.rows == len(refdata.SHAPES) + 1
     for i, a in enumerate(attrs):
         for k, shape in enumerate(refdata.SHAPES):
@@ -290,6 +294,7 @@ def test_dit_ref_distils_from_pixart_ref_on_the_shape_swapped_captions(sample_sc
 
     student = build_denoiser(get_spec("dit-ref"))
     student.transformer.load_state_dict(load_file(WEIGHTS_DIR / "dit-ref.safetensors"))
+    student.to(device)
     g = torch.Generator().manual_seed(0)
     x0 = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
     picture = torch.arange(8).repeat(5)
@@ -297,10 +302,23 @@ def test_dit_ref_distils_from_pixart_ref_on_the_shape_swapped_captions(sample_sc
     t = torch.randint(100, 500, (40,), generator=g)
     xt = script.add_noise(script.ddpm_alphas_cumprod(), x0[picture], t,
                           torch.randn(40, 3, 32, 32, generator=g))
+    picture, row, t, xt = (v.to(device) for v in (picture, row, t, xt))
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device == "cuda")
+    if device == "cuda":
+        c = distill.captions[row, picture]
+        with torch.no_grad(), autocast:
+            target = distill.teacher(xt, t.float(), distill.states[c], distill.mask[c]).float().cpu()
+            teacher = distill.teacher.cpu()
+            exact = teacher(xt.cpu(), t.float().cpu(), distill.states[c].cpu(), distill.mask[c].cpu())
+            distill.teacher.to(device)
+        # bf16 rounding moves it by ~1e-4 (measured under the CPU's autocast); the shape asked
+        # for, by 0.01-0.04 (`--loss-by-noise`'s shape effect of pixart-ref)
+        assert (target - exact).square().mean() < 2e-3 * exact.square().mean()
     opt = torch.optim.Adam(student.parameters(), lr=1e-4)
     losses = []
     for _ in range(5):
-        loss = distill.loss(student, xt, t, picture, row)
+        with autocast:
+            loss = distill.loss(student, xt, t, picture, row)
         opt.zero_grad()
         loss.backward()
         opt.step()
