@@ -63,8 +63,9 @@ with that shape word (ShapeSwapDistillation). Measured on this CPU from the ship
 class_acc 0.725 -> 0.813 and fd 240 -> 305; stronger guidance on the shipped weights gives
 0.774 / 282 and 0.793 / 324. Not shipped: see the README, Reference models. On an H200 the
 same distillation broke the model (the loss rose from 0.10 to 0.12 over 3,441 steps at lr
-1e-4 and to 1.6 at 4e-4; effgen eval: class_acc 0.646, fd 379), while a CPU pair,
-under CPU bf16 autocast and in fp32, trained alike. The next GPU run tells CUDA's bf16 from
+1e-4 and to 1.6 at 4e-4; effgen eval: class_acc 0.646, fd 379), while on this CPU a pair
+of 2,000 steps at batch 32, one in fp32 and one a scratch run under CPU bf16 autocast, trained
+alike, and so did 1,507 steps in fp32 at batch 256. The next GPU run tells CUDA's bf16 from
 the batch size by these two, side by side, each printing its denoise and distill terms (the
 caption cache written beforehand where MiniLM is installed, by any run with the same
 --distill-from and --caption-states, e.g. one of --steps 1 into a scratch --out):
@@ -427,7 +428,8 @@ def main(argv=None):
         idx = torch.randint(0, len(x_all), (n,), generator=g, device=dev)
         t = torch.randint(0, args.distill_t_max, (n,), generator=g, device=dev)
         row = torch.randint(0, distill.rows, (n,), generator=g, device=dev)
-        xt = add_noise(acp, x_all[idx], t, torch.randn(x_all[idx].shape, generator=g, device=dev))
+        x0 = x_all[idx]
+        xt = add_noise(acp, x0, t, torch.randn(x0.shape, generator=g, device=dev))
         return {"denoise": err.mean(),
                 "distill": args.distill_weight * distill.loss(model, xt, t, idx, row)}
 

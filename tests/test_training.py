@@ -306,10 +306,12 @@ def test_dit_ref_distils_from_pixart_ref_on_the_shape_swapped_captions(sample_sc
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device == "cuda")
     if device == "cuda":
         c = distill.captions[row, picture]
-        with torch.no_grad(), autocast:
-            target = distill.teacher(xt, t.float(), distill.states[c], distill.mask[c]).float().cpu()
-            teacher = distill.teacher.cpu()
-            exact = teacher(xt.cpu(), t.float().cpu(), distill.states[c].cpu(), distill.mask[c].cpu())
+        with torch.no_grad():
+            with autocast:
+                target = distill.teacher(xt, t.float(), distill.states[c], distill.mask[c])
+            target = target.float().cpu()
+            exact = distill.teacher.cpu()(xt.cpu(), t.float().cpu(), distill.states[c].cpu(),
+                                          distill.mask[c].cpu())  # fp32 on the CPU
             distill.teacher.to(device)
         # bf16 rounding moves it by ~1e-4 (measured under the CPU's autocast); the shape asked
         # for, by 0.01-0.04 (`--loss-by-noise`'s shape effect of pixart-ref)
