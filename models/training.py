@@ -14,9 +14,10 @@ from __future__ import annotations
 import argparse
 import math
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -148,10 +149,11 @@ def add_training_arguments(p: argparse.ArgumentParser, *, batch: int, lr: float)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--device", default="cpu",
-                   help="cpu, cuda, cuda:1, ... (CUDA: bf16 autocast unless --fp32)")
-    p.add_argument("--fp32", action="store_true",
-                   help="on CUDA, train in fp32 instead of under bf16 autocast (the CPU always "
-                   "trains in fp32)")
+                   help="cpu, cuda, cuda:1, ... (CUDA: see --precision)")
+    p.add_argument("--precision", choices=["bf16", "fp32"], default=None,
+                   help="on CUDA, bf16 autocast or fp32 throughout (the CPU always trains in "
+                   "fp32); default: bf16, but fp32 for dit-ref, whose attention logits ran away "
+                   "under bf16 (models/training.attention_logit_max)")
     p.add_argument("--data-workers", type=int, default=1,
                    help="processes drawing the pictures (the same pictures for any number)")
     p.add_argument("--ema", type=float, default=0.995,
@@ -162,6 +164,49 @@ def add_training_arguments(p: argparse.ArgumentParser, *, batch: int, lr: float)
     p.add_argument("--resume", action="store_true",
                    help="continue from the EMA weights in --out (fresh optimizer state; the step "
                    "count continues from the checkpoint's metadata)")
+
+
+@contextmanager
+def attention_logit_max(transformer: torch.nn.Module) -> Iterator[list[float]]:
+    """Within the block, record the largest |q.k| / sqrt(d) that the self-attention (`attn1`)
+    of each of `transformer`'s blocks computes, over every forward pass: a list with an entry
+    per block, updated in place.
+
+    Logits in the thousands (dit-ref's block 3 in the shipped weights) make the softmax an
+    argmax; on an H200 they ran away under bf16 autocast (block 2: 91 to 4.8 million in 3,441
+    steps) and not in fp32, which is why dit-ref trains in fp32 on CUDA (README, Reference
+    models)."""
+    from diffusers.models.attention_processor import Attention
+
+    blocks = list(transformer.transformer_blocks)
+    found = [0.0] * len(blocks)
+    hooks = []
+    for i, block in enumerate(blocks):
+        attn = block.attn1
+        if not isinstance(attn, Attention):
+            raise ValueError(f"attention_logit_max: block {i}'s attn1 is not a diffusers Attention")
+        seen: dict[str, torch.Tensor] = {}  # to_q's and to_k's outputs of the current call
+
+        def keep(name, seen=seen):
+            return lambda module, args, out: seen.__setitem__(name, out.detach().float())
+
+        def logits(module, args, out, i=i, seen=seen):
+            q, k = seen.pop("q"), seen.pop("k")
+            b, h = q.shape[0], module.heads
+            q = q.view(b, -1, h, q.shape[-1] // h).transpose(1, 2)  # [batch, heads, tokens, d]
+            k = k.view(b, -1, h, k.shape[-1] // h).transpose(1, 2)
+            q = q if module.norm_q is None else module.norm_q(q)
+            k = k if module.norm_k is None else module.norm_k(k)
+            found[i] = max(found[i], float((q @ k.transpose(-1, -2)).abs().max()) * module.scale)
+
+        hooks += [attn.to_q.register_forward_hook(keep("q")),
+                  attn.to_k.register_forward_hook(keep("k")),
+                  attn.register_forward_hook(logits)]
+    try:
+        yield found
+    finally:
+        for hook in hooks:
+            hook.remove()
 
 
 def _all_finite(tensors: list[torch.Tensor]) -> bool:

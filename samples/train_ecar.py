@@ -90,7 +90,7 @@ def main(argv=None):
         return model.loss(x_all[idx], lab, g)
 
     train_cfg = TrainConfig(lr=args.lr, steps=args.steps, minutes=args.minutes, ema=args.ema,
-                            save_every=args.save_every, bf16=not args.fp32)
+                            save_every=args.save_every, bf16=args.precision != "fp32")
     try:
         step, _ = train(model, ema, model, loss_fn, train_cfg, save, first_step)
     except TrainingDiverged as e:

@@ -61,17 +61,25 @@ with that shape word (ShapeSwapDistillation). Measured on this CPU from the ship
 --threads 1 --batch 32 --lr 2e-4 --ema 0.999 --data-size 100000 --distill-from pixart-ref
 --distill-t-max 500`, 9,389 steps): `effgen eval`, 1024 images at the default sampler,
 class_acc 0.725 -> 0.813 and fd 240 -> 305; stronger guidance on the shipped weights gives
-0.774 / 282 and 0.793 / 324. Not shipped: see the README, Reference models. On an H200 the
-same distillation broke the model (the loss rose from 0.10 to 0.12 over 3,441 steps at lr
-1e-4 and to 1.6 at 4e-4; effgen eval: class_acc 0.646, fd 379), while on this CPU a pair
-of 2,000 steps at batch 32, one in fp32 and one a scratch run under CPU bf16 autocast, trained
-alike, and so did 1,507 steps in fp32 at batch 256. The next GPU run tells CUDA's bf16 from
-the batch size by these two, side by side, each printing its denoise and distill terms (the
-caption cache written beforehand where MiniLM is installed, by any run with the same
---distill-from and --caption-states, e.g. one of --steps 1 into a scratch --out):
+0.774 / 282 and 0.793 / 324. Not shipped: see the README, Reference models.
 
-    --resume --device cuda --batch 2048 --lr 1e-4 --fp32 --ema 0.999 --data-size 600000 --data-workers 7 --distill-from pixart-ref --distill-batch 1024 --distill-t-max 500 --caption-states all-captions.safetensors --minutes N
-    --resume --device cuda --batch 256 --lr 1e-4 --ema 0.999 --data-size 600000 --data-workers 7 --distill-from pixart-ref --distill-batch 256 --distill-t-max 500 --caption-states all-captions.safetensors --minutes N
+On an H200 the same distillation under bf16 autocast broke the model (the loss rose from 0.10
+to 0.12 over 3,441 steps at lr 1e-4 and to 1.6 at 4e-4; effgen eval: class_acc 0.646, fd 379),
+and in fp32 it did not. `--loss-by-noise` also prints the largest attention logit (|q.k| /
+sqrt(d)) of each block's self-attention over its table (blocks counted from 0): on the
+shipped weights 91 in block 2 and 14,952 in block 3 against 3-16 in the others; after the
+bf16 run 4.8 million and 1.5 million. Side by side on the H200 in fp32 (--precision fp32,
+6.5 minutes each):
+
+    --resume --device cuda --precision fp32 --batch 2048 --distill-batch 1024 --lr 1e-4 --ema 0.999 --data-size 600000 --data-workers 7 --distill-from pixart-ref --distill-t-max 500 --caption-states all-captions.safetensors --minutes 6.5
+    the same at --batch 256 --distill-batch 256 --lr 2e-4
+
+the first (the failed run's batch and learning rate; 2,273 steps, 0.17 s a step) held its loss
+at 0.097-0.101, effgen eval 0.801 / 307; the second (7,120 steps, 0.055 s a step) read 0.811 /
+295 at its 4-minute checkpoint and 0.836 at the end (PyTorch sampler, 1024 images; the shipped
+weights 0.735 on the same), and 3.2 minutes of it alone 0.804 / 307. So dit-ref trains in fp32
+on CUDA by default (--precision; pixart-ref and the ECAR models keep bf16). The next GPU
+session runs the second for longer (README).
 
 Seeded and reproducible for a given --steps (a --minutes budget stops at a step count that
 depends on the machine; the step count reached is stored in the checkpoint's metadata,
@@ -104,8 +112,9 @@ from effgen.models import refdata
 from effgen.models.configs import DDPM_LINEAR, get_spec
 from effgen.models.denoiser import WEIGHTS_DIR, build_denoiser
 from effgen.models.training import (TrainConfig, TrainingDiverged, add_training_arguments,
-                                    checkpoint_steps, dit_init, label_dropout_by_caller,
-                                    min_snr_weight, resume_problem, train, training_pictures)
+                                    attention_logit_max, checkpoint_steps, dit_init,
+                                    label_dropout_by_caller, min_snr_weight, resume_problem, train,
+                                    training_pictures)
 
 
 def ddpm_alphas_cumprod() -> torch.Tensor:
@@ -365,10 +374,13 @@ def main(argv=None):
     if args.loss_by_noise:
         model.to(dev).eval()
         shape = torch.tensor([refdata.SHAPES.index(a.shape) for a in attrs], device=dev)
-        rows = loss_by_noise(model, spec, ddpm_alphas_cumprod().to(dev), x_all,
-                             shape_swapped_conds(spec, attrs, dev), shape, seed=args.seed,
-                             distill=distill)
+        with attention_logit_max(model.transformer) as logit_max:
+            rows = loss_by_noise(model, spec, ddpm_alphas_cumprod().to(dev), x_all,
+                                 shape_swapped_conds(spec, attrs, dev), shape, seed=args.seed,
+                                 distill=distill)
         print(f"{args.model} at step {first_step} ({out}), {len(x_all)} pictures:")
+        print("  largest |attention logit| of each block's self-attention: "
+              + ", ".join(f"{v:,.1f}" for v in logit_max))
         for r in rows:
             print(f"  t {r['t_from']:>3}-{r['t_to']:<3}  loss {r['loss']:.4f}  "
                   f"implicit shape accuracy {r['shape_acc']:.3f}  shape effect {r['shape_effect']:.4f}"
@@ -376,6 +388,7 @@ def main(argv=None):
         if args.json is not None:
             args.json.write_text(json.dumps({"model": args.model, "checkpoint": str(out),
                                              "steps": first_step, "pictures": len(x_all),
+                                             "attention_logit_max": logit_max,
                                              "bins": rows}, indent=2) + "\n")
         return
     if args.resume:
@@ -433,8 +446,10 @@ def main(argv=None):
         return {"denoise": err.mean(),
                 "distill": args.distill_weight * distill.loss(model, xt, t, idx, row)}
 
+    # dit-ref in fp32: its attention logits ran away under bf16 on an H200, not in fp32 (--help)
+    precision = args.precision or ("fp32" if args.model == "dit-ref" else "bf16")
     cfg = TrainConfig(lr=args.lr, steps=args.steps, minutes=args.minutes, ema=args.ema,
-                      bf16=not args.fp32)
+                      bf16=precision == "bf16")
     try:
         step, _ = train(model, ema, model.transformer, loss_fn, cfg, save, first_step)
     except TrainingDiverged as e:

@@ -13,7 +13,7 @@ import pytest
 
 from effgen.models.configs import get_spec
 from effgen.models.denoiser import WEIGHTS_DIR, build_denoiser
-from effgen.models.training import (TrainConfig, TrainingDiverged, dit_init,
+from effgen.models.training import (TrainConfig, TrainingDiverged, attention_logit_max, dit_init,
                                     label_dropout_by_caller, learning_rate, min_snr_weight, train)
 
 
@@ -141,6 +141,37 @@ def test_dit_label_dropout_is_left_to_the_caller_so_every_block_sees_the_same_la
         label_dropout_by_caller(build_denoiser(get_spec("pixart-tiny")).transformer)
 
 
+@pytest.mark.parametrize("name", ["dit-tiny", "pixart-tiny"])
+def test_attention_logit_max_is_the_largest_logit_each_self_attention_computes(name, monkeypatch):
+    """attention_logit_max reads the logits off to_q and to_k; here they are taken from what
+    the attention itself is given (torch's scaled_dot_product_attention), over two calls."""
+    model = build_denoiser(get_spec(name)).eval()
+    for p in model.transformer.parameters():  # random weights, so that every block's differ
+        torch.nn.init.normal_(p, std=0.1)
+    given = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def recording(q, k, v, *args, **kwargs):
+        given.append(float((q @ k.transpose(-1, -2)).abs().max()) * q.shape[-1] ** -0.5)
+        return sdpa(q, k, v, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", recording)
+    small, large = model.example_inputs(2), model.example_inputs(2)
+    large = (4 * large[0], *large[1:])
+    with torch.no_grad(), attention_logit_max(model.transformer) as found:
+        model(*small)
+        model(*large)
+    blocks = len(model.transformer.transformer_blocks)
+    per_call = len(given) // (2 * blocks)  # DiT: self-attention; PixArt: self, then cross
+    self_attention = given[::per_call]
+    expected = [max(a, b) for a, b in zip(self_attention[:blocks], self_attention[blocks:])]
+    assert found == pytest.approx(expected, rel=1e-4)
+    assert len(set(found)) == blocks
+    with torch.no_grad():
+        model(*small)  # the hooks are gone after the block
+    assert len(found) == blocks and found == pytest.approx(expected, rel=1e-4)
+
+
 def test_training_pictures_are_the_same_shards_whatever_the_number_of_workers(monkeypatch):
     import numpy as np
 
@@ -235,11 +266,19 @@ def test_loss_by_noise_reports_the_shipped_models_against_an_untrained_one(tmp_p
 
     shipped = table()
     assert [(r["t_from"], r["t_to"]) for r in shipped] == [(i, i + 99) for i in range(0, 1000, 100)]
+    # dit-ref's attention: its largest logit is in the thousands (block 3), an untrained
+    # model's a few units (the reason it trains in fp32 on CUDA: README, Reference models)
+    def logits() -> list[float]:  # of the last table
+        return json.loads((tmp_path / "bins.json").read_text())["attention_logit_max"]
+
+    shipped_logits = logits()
     untrained = tmp_path / "untrained.safetensors"
     run(["dit-ref", "--steps", "1", "--batch", "2", "--data-size", "8", "--threads", "1",
          "--out", str(untrained)])
     fresh = table("--out", str(untrained))
     assert all(s["loss"] < f["loss"] for s, f in zip(shipped, fresh))
+    assert len(shipped_logits) == len(logits()) == 6
+    assert max(shipped_logits) > 1000 > 100 * max(logits())
     # The class label leaves position, size and background open: at the highest noise the
     # trained model can only predict their mean, at low noise it sees them.
     assert shipped[-1]["loss"] > 10 * shipped[1]["loss"]
@@ -337,3 +376,23 @@ def test_bad_distillation_options_are_one_line_errors(sample_script, capsys, arg
     with pytest.raises(SystemExit):
         sample_script("train_reference").main(args)
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args,bf16", [([], False), (["--precision", "bf16"], True),
+                                       (["--precision", "fp32"], False)])
+def test_dit_ref_trains_in_fp32_on_cuda_unless_asked_for_bf16(tmp_path, sample_script, monkeypatch,
+                                                              args, bf16):
+    """dit-ref's attention logits ran away under bf16 autocast on an H200 and not in fp32
+    (README, Reference models), so its default precision is fp32; the loop itself runs."""
+    script = sample_script("train_reference")
+    configs = []
+
+    def recording_train(model, ema, ema_of, loss_fn, cfg, *rest):
+        configs.append(cfg)
+        return train(model, ema, ema_of, loss_fn, cfg, *rest)
+
+    monkeypatch.setattr(script, "train", recording_train)
+    script.main(["dit-ref", "--steps", "1", "--batch", "2", "--data-size", "8", "--threads", "1",
+                 "--out", str(tmp_path / "a.safetensors"), *args])
+    assert [c.bf16 for c in configs] == [bf16]
+    assert (tmp_path / "a.safetensors").is_file()
