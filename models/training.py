@@ -17,7 +17,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -38,6 +38,14 @@ class TrainConfig:
     save_every: int = 500
     clip_grad_norm: float = 1.0
     bf16: bool = True  # on CUDA, bf16 autocast; False: fp32 throughout, as on the CPU
+    # On CUDA, run each step (loss, backward, clipping, optimiser) as the replay of one CUDA
+    # graph, captured after GRAPH_WARMUP eager steps: at dit-ref's batch 256 a step is bound by
+    # kernel launches. The loss must not wait on the GPU (no boolean-mask indexing, no .item())
+    # and must draw its randomness from the generators given to train().
+    cuda_graph: bool = False
+
+
+GRAPH_WARMUP = 3  # eager steps before the capture: they create the optimiser's state
 
 
 def learning_rate(cfg: TrainConfig, done_steps: int, budget_steps: int, elapsed_s: float) -> float:
@@ -59,7 +67,8 @@ class TrainingDiverged(RuntimeError):
 
 def train(model: torch.nn.Module, ema_model: torch.nn.Module, ema_of: torch.nn.Module,
           loss_fn: Callable[[], torch.Tensor | dict[str, torch.Tensor]], cfg: TrainConfig,
-          save: Callable[[int, float], None], first_step: int = 0) -> tuple[int, float]:
+          save: Callable[[int, float], None], first_step: int = 0,
+          generators: Sequence[torch.Generator] = ()) -> tuple[int, float]:
     """Optimise `model` with `loss_fn()` (one fresh batch per call) until the budget ends;
     `ema_model` tracks the EMA of `ema_of`'s parameters (the part of `model` that is saved).
     `loss_fn` returns the loss, or a dict of named terms whose sum is the loss: each term's
@@ -69,14 +78,20 @@ def train(model: torch.nn.Module, ema_model: torch.nn.Module, ema_of: torch.nn.M
     before each save) raise TrainingDiverged instead of writing a checkpoint: a resumed run
     saves over the checkpoint it started from, and one NaN step would turn every weight of it
     into NaN (measured on an H200: dit-ref at lr 1e-3, batch 2048, 3,100 steps into a resumed
-    run). Returns the final step and the mean loss of the last 500 steps."""
+    run). `generators`: the CUDA generators `loss_fn` draws from, which a CUDA graph
+    (`cfg.cuda_graph`) advances on each replay. Returns the final step and the mean loss of the
+    last 500 steps."""
     if cfg.steps <= first_step:  # the scripts say so before drawing data (resume_problem)
         raise ValueError(f"nothing to train: the budget of {cfg.steps} steps is already reached "
                          f"at step {first_step}")
     device = next(model.parameters()).device
     on_cuda = device.type == "cuda"
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0, betas=(0.9, 0.99),
-                            fused=on_cuda)
+    if cfg.cuda_graph and not on_cuda:
+        raise ValueError(f"cuda_graph: the model is on {device}, not on a CUDA device")
+    # a graph reads the learning rate from a tensor that each step overwrites
+    lr = torch.tensor(cfg.lr, device=device) if cfg.cuda_graph else cfg.lr
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, betas=(0.9, 0.99),
+                            fused=on_cuda, capturable=cfg.cuda_graph)
     ema_params, model_params = list(ema_model.parameters()), list(ema_of.parameters())
     losses: list[torch.Tensor] = []  # kept on the device; read back when printed
     terms: list[torch.Tensor] = []  # the named terms of the last 100 steps, when there are any
@@ -87,7 +102,7 @@ def train(model: torch.nn.Module, ema_model: torch.nn.Module, ema_of: torch.nn.M
         kept = (f"the checkpoint of step {saved_step} is kept" if saved_step is not None
                 else "nothing was saved")
         return TrainingDiverged(f"training diverged by step {at_step} (non-finite loss or "
-                                f"weights at lr {opt.param_groups[0]['lr']:.1e}); {kept}: "
+                                f"weights at lr {lr_now:.1e}); {kept}: "
                                 f"resume with a lower --lr")
 
     def checked_save(at_step: int):
@@ -98,10 +113,7 @@ def train(model: torch.nn.Module, ema_model: torch.nn.Module, ema_of: torch.nn.M
         save(at_step, loss)
         saved_step = at_step
 
-    while step < cfg.steps:
-        for group in opt.param_groups:
-            group["lr"] = learning_rate(cfg, step - first_step, cfg.steps - first_step,
-                                        time.time() - start)
+    def optimise():
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=on_cuda and cfg.bf16):
             out = loss_fn()
         loss = sum(out.values()) if isinstance(out, dict) else out
@@ -109,12 +121,24 @@ def train(model: torch.nn.Module, ema_model: torch.nn.Module, ema_of: torch.nn.M
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad_norm)
         opt.step()
+        return loss, out
+
+    run_step = _graphed(optimise, opt, generators, device) if cfg.cuda_graph else optimise
+    lr_now = cfg.lr
+    while step < cfg.steps:
+        lr_now = learning_rate(cfg, step - first_step, cfg.steps - first_step, time.time() - start)
+        for group in opt.param_groups:
+            if cfg.cuda_graph:
+                group["lr"].fill_(lr_now)
+            else:
+                group["lr"] = lr_now
+        loss, out = run_step()
         step += 1
         done = step - first_step
         decay = min(cfg.ema, (1 + done) / (10 + done))  # short EMA window while it is young
         with torch.no_grad():
             torch._foreach_lerp_(ema_params, model_params, 1 - decay)
-        losses.append(loss.detach())
+        losses.append(loss.detach().clone())  # a graph's replays overwrite its outputs
         losses = losses[-500:]
         if isinstance(out, dict):
             terms = [*terms[-99:], torch.stack([v.detach().float() for v in out.values()])]
@@ -127,7 +151,7 @@ def train(model: torch.nn.Module, ema_model: torch.nn.Module, ema_of: torch.nn.M
             if isinstance(out, dict):
                 means = torch.stack(terms).mean(0).tolist()
                 parts = " (" + ", ".join(f"{k} {m:.4f}" for k, m in zip(out, means)) + ")"
-            print(f"step {step} loss {recent:.4f}{parts} lr {opt.param_groups[0]['lr']:.2e} "
+            print(f"step {step} loss {recent:.4f}{parts} lr {lr_now:.2e} "
                   f"{elapsed / done:.3f}s/step {elapsed / 60:.1f}min", flush=True)
         if step % cfg.save_every == 0:
             checked_save(step)
@@ -135,6 +159,37 @@ def train(model: torch.nn.Module, ema_model: torch.nn.Module, ema_of: torch.nn.M
             break
     checked_save(step)
     return step, _mean(losses)
+
+
+def _graphed(optimise: Callable, opt: torch.optim.Optimizer,
+             generators: Sequence[torch.Generator], device: torch.device) -> Callable:
+    """`optimise` (one training step: loss, backward, optimiser) as a function that runs it
+    eagerly on a side stream for its first GRAPH_WARMUP calls, then captures it as a CUDA
+    graph and replays that (PyTorch's whole-network capture: the gradients and the step's
+    outputs live in the graph's memory; each replay draws new numbers from `generators`)."""
+    calls, graph, outputs = 0, None, None
+    side = torch.cuda.Stream(device)
+
+    def run():
+        nonlocal calls, graph, outputs
+        calls += 1
+        if calls <= GRAPH_WARMUP:
+            side.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(side):
+                result = optimise()
+            torch.cuda.synchronize(device)  # its tensors are used on the main stream
+            return result
+        if graph is None:
+            graph = torch.cuda.CUDAGraph()
+            for generator in generators:
+                graph.register_generator_state(generator)
+            opt.zero_grad(set_to_none=True)  # backward allocates the gradients in the graph
+            with torch.cuda.graph(graph):
+                outputs = optimise()
+        graph.replay()
+        return outputs
+
+    return run
 
 
 def add_training_arguments(p: argparse.ArgumentParser, *, batch: int, lr: float) -> None:

@@ -79,7 +79,8 @@ at 0.097-0.101, effgen eval 0.801 / 307; the second (7,120 steps, 0.055 s a step
 295 at its 4-minute checkpoint and 0.836 at the end (PyTorch sampler, 1024 images; the shipped
 weights 0.735 on the same), and 3.2 minutes of it alone 0.804 / 307. So dit-ref trains in fp32
 on CUDA by default (--precision; pixart-ref and the ECAR models keep bf16). The next GPU
-session runs the second for longer (README).
+session runs the second for longer, beside the same with --cuda-graph (not yet measured;
+README).
 
 Seeded and reproducible for a given --steps (a --minutes budget stops at a step count that
 depends on the machine; the step count reached is stored in the checkpoint's metadata,
@@ -325,6 +326,9 @@ def main(argv=None):
     p.add_argument("--distill-weight", type=float, default=1.0)
     p.add_argument("--distill-t-max", type=int, default=1000,
                    help="distil on timesteps below this only")
+    p.add_argument("--cuda-graph", action="store_true",
+                   help="on CUDA, capture each training step as one CUDA graph and replay it "
+                   "(at batch 256 a step is bound by kernel launches)")
     p.add_argument("--loss-by-noise", type=int, default=None, metavar="N",
                    help="train nothing: print the conditional training loss of the checkpoint "
                    "(--out, else the shipped weights) on N training pictures in ten ranges of "
@@ -349,6 +353,8 @@ def main(argv=None):
         args.data_size = args.loss_by_noise
     elif args.json is not None:
         p.error("--json: only with --loss-by-noise (training writes only its checkpoint, to --out)")
+    if args.cuda_graph and torch.device(args.device).type != "cuda":
+        p.error("--cuda-graph: only with a CUDA --device")
     if args.distill_from and spec.family != "dit":
         p.error("--distill-from: only dit-ref learns from pixart-ref")
     if args.distill_batch < 1 or not 1 <= args.distill_t_max <= DDPM_LINEAR["num_train_timesteps"]:
@@ -425,13 +431,13 @@ def main(argv=None):
         t = torch.randint(0, len(acp), (args.batch,), generator=g, device=dev)
         eps = torch.randn(x0.shape, generator=g, device=dev)
         if spec.family == "pixart":
-            ci = cond_idx[idx].clone()
-            ci[torch.rand(args.batch, generator=g, device=dev) < 0.1] = null_idx
+            # torch.where, not a boolean-mask assignment, which waits on the GPU (--cuda-graph)
+            drop = torch.rand(args.batch, generator=g, device=dev) < 0.1
+            ci = torch.where(drop, null_idx, cond_idx[idx])
             cond = (states[ci], mask[ci])
-        else:
-            y = labels[idx].clone()  # 10% to the null class, in every block at once
-            y[torch.rand(args.batch, generator=g, device=dev) < 0.1] = spec.num_classes
-            cond = (y,)
+        else:  # 10% to the null class, in every block at once
+            drop = torch.rand(args.batch, generator=g, device=dev) < 0.1
+            cond = (torch.where(drop, spec.num_classes, labels[idx]),)
         err = noised_loss(model, spec, acp, x0, t, eps, cond)
         if args.min_snr_gamma is not None:
             err = err * min_snr_weight(acp[t], args.min_snr_gamma, v_prediction)
@@ -449,9 +455,10 @@ def main(argv=None):
     # dit-ref in fp32: its attention logits ran away under bf16 on an H200, not in fp32 (--help)
     precision = args.precision or ("fp32" if args.model == "dit-ref" else "bf16")
     cfg = TrainConfig(lr=args.lr, steps=args.steps, minutes=args.minutes, ema=args.ema,
-                      bf16=precision == "bf16")
+                      bf16=precision == "bf16", cuda_graph=args.cuda_graph)
     try:
-        step, _ = train(model, ema, model.transformer, loss_fn, cfg, save, first_step)
+        step, _ = train(model, ema, model.transformer, loss_fn, cfg, save, first_step,
+                        generators=[g])
     except TrainingDiverged as e:
         raise SystemExit(f"error: {e}") from None
     print(json.dumps({"model": args.model, "steps": step, "out": str(out),

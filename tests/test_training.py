@@ -87,6 +87,48 @@ def test_a_nan_step_stops_training_before_it_is_saved():
     assert torch.isnan(model.weight).all()  # what would have been saved
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+def test_cuda_graph_steps_train_as_eager_steps_do():
+    """The replays of one captured step train as the eager steps do: the same random draws
+    (the generator registered with the graph advances on each replay), the same learning rate
+    schedule (read from a tensor the loop overwrites), the same weights, EMA and losses."""
+    def run(cuda_graph: bool):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.GELU(),
+                                    torch.nn.Linear(32, 1)).cuda()
+        ema = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.GELU(),
+                                  torch.nn.Linear(32, 1)).cuda().requires_grad_(False)
+        g = torch.Generator("cuda").manual_seed(0)
+        w = torch.linspace(-1, 1, 8, device="cuda")[:, None]
+
+        def loss_fn():
+            x = torch.randn(64, 8, generator=g, device="cuda")
+            return {"fit": (model(x) - x @ w).square().mean(),
+                    "decay": 1e-3 * model[0].weight.square().sum()}
+
+        cfg = TrainConfig(lr=1e-2, steps=60, warmup=10, save_every=30, bf16=False,
+                          cuda_graph=cuda_graph)
+        saved = []
+        step, loss = train(model, ema, model, loss_fn, cfg, lambda s, l: saved.append((s, l)),
+                           generators=[g])
+        return model.state_dict(), ema.state_dict(), saved, loss_fn()["fit"].item()
+
+    eager, graphed = run(False), run(True)
+    for a, b in zip(eager[:2], graphed[:2]):
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+    assert [s for s, _ in graphed[2]] == [30, 60, 60]
+    assert [l for _, l in graphed[2]] == pytest.approx([l for _, l in eager[2]], rel=1e-4)
+    assert graphed[3] < 0.1 * eager[2][0][1]  # it learned
+
+
+def test_cuda_graph_needs_a_cuda_device():
+    model = torch.nn.Linear(4, 1)
+    with pytest.raises(ValueError, match="cuda_graph: the model is on cpu, not on a CUDA device"):
+        train(model, torch.nn.Linear(4, 1), model, lambda: model.weight.sum(),
+              TrainConfig(cuda_graph=True), lambda s, l: None)
+
+
 def test_a_budget_already_reached_is_an_error_not_a_divergence():
     model = torch.nn.Linear(4, 1)
     ema = torch.nn.Linear(4, 1).requires_grad_(False)
@@ -371,6 +413,7 @@ def test_dit_ref_distils_from_pixart_ref_on_the_shape_swapped_captions(sample_sc
     (["pixart-ref", "--distill-from", "pixart-ref"], "only dit-ref learns from pixart-ref"),
     (["dit-ref", "--distill-from", "pixart-ref", "--distill-t-max", "0"], "--distill-t-max: a timestep"),
     (["dit-ref", "--distill-from", "pixart-ref", "--distill-batch", "0"], "--distill-batch: at least 1"),
+    (["dit-ref", "--cuda-graph"], "--cuda-graph: only with a CUDA --device"),
 ])
 def test_bad_distillation_options_are_one_line_errors(sample_script, capsys, args, message):
     with pytest.raises(SystemExit):
@@ -388,9 +431,9 @@ def test_dit_ref_trains_in_fp32_unless_precision_says_bf16(tmp_path, sample_scri
     script = sample_script("train_reference")
     configs = []
 
-    def recording_train(model, ema, ema_of, loss_fn, cfg, *rest):
+    def recording_train(model, ema, ema_of, loss_fn, cfg, *rest, **options):
         configs.append(cfg)
-        return train(model, ema, ema_of, loss_fn, cfg, *rest)
+        return train(model, ema, ema_of, loss_fn, cfg, *rest, **options)
 
     monkeypatch.setattr(script, "train", recording_train)
     script.main(["dit-ref", "--steps", "1", "--batch", "2", "--data-size", "8", "--threads", "1",
