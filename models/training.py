@@ -6,7 +6,7 @@ The scripts own the loss; this owns everything that must be the same for a fair 
 of the models they train: the pictures, the optimiser, the schedule, the EMA. On a CUDA device
 the step runs under bf16 autocast (fp32 weights, optimiser and EMA) unless the config asks for
 fp32, and the loss is read back only when it is printed, so the GPU is never waited on inside
-the loop.
+the loop; with `cuda_graph` the step is one CUDA graph's replay.
 """
 
 from __future__ import annotations
