@@ -227,8 +227,8 @@ def attention_logit_max(transformer: torch.nn.Module) -> Iterator[list[float]]:
     (`attn1`) of each of `transformer`'s blocks computes, over every forward pass: a list with
     an entry per block, updated in place.
 
-    Logits in the thousands (dit-ref's block 3 in the shipped weights) make the softmax nearly
-    an argmax; on an H200 they ran away under bf16 autocast (block 2: 91 to 4.8 million in 3,441
+    Logits in the thousands (dit-ref's block 3 in the shipped weights) make their softmax rows
+    nearly argmaxes; on an H200 they ran away under bf16 autocast (block 2: 91 to 4.8 million in 3,441
     steps) and not in fp32, which is why dit-ref trains in fp32 on CUDA (README, Reference
     models)."""
     from diffusers.models.attention_processor import Attention
