@@ -124,7 +124,6 @@ def train(model: torch.nn.Module, ema_model: torch.nn.Module, ema_of: torch.nn.M
         return loss, out
 
     run_step = _graphed(optimise, opt, generators, device) if cfg.cuda_graph else optimise
-    lr_now = cfg.lr
     while step < cfg.steps:
         lr_now = learning_rate(cfg, step - first_step, cfg.steps - first_step, time.time() - start)
         for group in opt.param_groups:
@@ -228,9 +227,9 @@ def attention_logit_max(transformer: torch.nn.Module) -> Iterator[list[float]]:
     an entry per block, updated in place.
 
     Logits in the thousands (dit-ref's block 3 in the shipped weights) make their softmax rows
-    nearly argmaxes; on an H200 they ran away under bf16 autocast (block 2: 91 to 4.8 million in 3,441
-    steps) and not in fp32, which is why dit-ref trains in fp32 on CUDA (README, Reference
-    models)."""
+    nearly argmaxes; on an H200 they ran away under bf16 autocast (block 2: 91 to 4.8 million
+    in 3,441 steps) and not in fp32, which is why dit-ref trains in fp32 on CUDA (README,
+    Reference models)."""
     from diffusers.models.attention_processor import Attention
 
     blocks = list(transformer.transformer_blocks)
