@@ -160,9 +160,11 @@ _SPECS = [
     # pixart-ref at 2.0 on the steps at t <= 450 and unguided above: fd 55.5, attr_acc 0.952
     # over 1024 images, against 63.8 and 0.956 at 2.0 on every step (t <= 300: 57.6 / 0.944,
     # t <= 600: 56.9 / 0.954; 1.5 and 2.5-3.0 higher fd at every interval). dit-ref at 3.0 on
-    # the steps at t <= 450 and unguided above: fd 240, class_acc 0.725 over 1024 images,
-    # against 274 and 0.663 at 2.0 on every step, the least fd without an interval (3.0 on
-    # every step: 361 and 0.785). ECAR's fd is least at 3.0.
+    # the steps at t <= 450 and unguided above, chosen on its earlier (39,391-step) weights:
+    # fd 240, class_acc 0.725 over 1024 images there, against 274 and 0.663 at 2.0 on every
+    # step, the least fd without an interval (3.0 on every step: 361 and 0.785); on the
+    # shipped, distilled weights fd 286 and 0.814 (2.5: 286 / 0.804; t <= 400: 274 / 0.806).
+    # ECAR's fd is least at 3.0.
     ModelSpec("pixart-ref", "pixart",
               {**_pixart(6, 4, 32, 32, 384), "in_channels": 3, "out_channels": 3, "patch_size": 4},
               text=MINILM, latent_space=False, guidance=2.0, guidance_interval=(0, 450),

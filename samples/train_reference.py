@@ -4,8 +4,8 @@ captioned data set of models/refdata.py.
     python samples/train_reference.py pixart-ref --minutes 55
     python samples/train_reference.py dit-ref --device cuda --batch 256 --minutes 8
 
-The shipped weights come from three GPU runs on one H200; dit-ref's then from one CPU run and
-a fourth GPU run. First both models and the three ECAR models (samples/train_ecar.py) trained
+The shipped weights come from three GPU runs on one H200; dit-ref's then from one CPU run, a
+fourth GPU run and a distillation from pixart-ref (GPU, then CPU). First both models and the three ECAR models (samples/train_ecar.py) trained
 side by side for 8 minutes each:
 
     --device cuda --batch 256 --lr 6e-4 --ema 0.999 --data-size 80000 --data-workers 3 --minutes 8
@@ -36,14 +36,20 @@ in 33 s by 12 workers), class accuracy 0.64 -> 0.70 over 256 images at guidance 
     --resume --device cuda --batch 2048 --lr 4e-4 --ema 0.999 --data-size 600000 --data-workers 12 --minutes 3
 
 (the same run at --lr 1e-3 went NaN after 3,100 steps; the training loop now stops at the
-first non-finite loss and keeps the checkpoint it resumed from).
+first non-finite loss and keeps the checkpoint it resumed from). Then the distillation below,
+4 minutes on the H200 in fp32 (39,391 -> 42,500 steps) and 70 on the 2-core CPU (-> 48,469):
+
+    --resume --device cuda --precision fp32 --batch 256 --distill-batch 256 --lr 2e-4 --ema 0.999 --data-size 600000 --data-workers 7 --distill-from pixart-ref --distill-t-max 500 --caption-states all-captions.safetensors
+    --resume --threads 2 --batch 64 --distill-batch 64 --lr 1e-4 --ema 0.999 --data-size 100000 --distill-from pixart-ref --distill-t-max 500 --minutes 70
+
+(effgen eval, 1024 images at the default sampler: class_acc 0.725 -> 0.814, fd 240 -> 286).
 
 On the 2-core development machine, at batch 48 with --threads 1, a step takes ~0.8 s
 (pixart-ref) and ~0.65 s (dit-ref): ~4,500 steps an hour; dit-ref at batch 64 with --threads 2,
 0.27 s on an otherwise idle machine.
 
 `--loss-by-noise N` trains nothing: it prints the checkpoint's conditional training loss on N
-training pictures in ten ranges of timesteps. On the shipped weights (N = 512) dit-ref's loss
+training pictures in ten ranges of timesteps. On the 39,391-step weights (N = 512) dit-ref's loss
 is 1.4-2.0x pixart-ref's below t 500 (where the picture shows the shape and the model draws
 its detail) and 9-41x above t 700, where its class label leaves position, size and
 background open and the best prediction is their mean. It also prints the model's implicit
@@ -52,22 +58,22 @@ least error, and the shape effect: the mean squared change of the prediction whe
 shape is asked for. Where the shape is decided the classifier reads 0.67 (t 200-299) and 0.47
 (t 400-499) for dit-ref against 0.97 and 0.85 for pixart-ref, and the effect is 0.0016 against
 0.017 (t 200-299): dit-ref's prediction hardly depends on the shape its class asks for, and
-guidance can only amplify that dependence.
+guidance can only amplify that dependence (the distilled, shipped weights: effect 0.0086).
 
 `--distill-from pixart-ref` (dit-ref) teaches that dependence from pixart-ref, which has it:
 dit-ref's prediction for a shape's class is regressed on pixart-ref's for the picture's caption
-with that shape word (ShapeSwapDistillation). Measured on this CPU from the shipped weights,
+with that shape word (ShapeSwapDistillation). Measured on this CPU from the 39,391-step weights,
 50 minutes of a scratch version that drew no null condition, then 40 of this one (`--resume
 --threads 1 --batch 32 --lr 2e-4 --ema 0.999 --data-size 100000 --distill-from pixart-ref
 --distill-t-max 500`, 9,389 steps): `effgen eval`, 1024 images at the default sampler,
-class_acc 0.725 -> 0.813 and fd 240 -> 305; stronger guidance on the shipped weights gives
-0.774 / 282 and 0.793 / 324. Not shipped: see the README, Reference models.
+class_acc 0.725 -> 0.813 and fd 240 -> 305; stronger guidance on those weights gives
+0.774 / 282 and 0.793 / 324. Not shipped then: see the README, Reference models.
 
 On an H200 the same distillation under bf16 autocast broke the model (the loss rose from 0.10
 to 0.12 over 3,441 steps at lr 1e-4 and to 1.6 at 4e-4; effgen eval: class_acc 0.646, fd 379),
 and in fp32 it did not. `--loss-by-noise` also prints the largest attention logit (|q.k| /
 sqrt(d)) of each block's self-attention over its table (blocks counted from 0): on the
-shipped weights 91 in block 2 and 14,952 in block 3 against 3-16 in the others; after the
+39,391-step weights 91 in block 2 and 14,952 in block 3 against 3-16 in the others; after the
 bf16 run 4.8 million and 1.5 million. Side by side on the H200 in fp32 (--precision fp32,
 6.5 minutes each):
 
@@ -76,11 +82,12 @@ bf16 run 4.8 million and 1.5 million. Side by side on the H200 in fp32 (--precis
 
 the first (the failed run's batch and learning rate; 2,273 steps, 0.17 s a step) held its loss
 at 0.097-0.101, effgen eval 0.801 / 307; the second (7,120 steps, 0.055 s a step) read 0.811 /
-295 at its 4-minute checkpoint and 0.836 at the end (PyTorch sampler, 1024 images; the shipped
-weights 0.735 on the same), and 3.2 minutes of it alone 0.804 / 307. So dit-ref trains in fp32
-on CUDA by default (--precision; pixart-ref and the ECAR models keep bf16). The next GPU
-session runs the second for longer, beside the same with --cuda-graph (not yet measured;
-README).
+295 at its 4-minute checkpoint and 0.836 at the end (PyTorch sampler, 1024 images; the
+39,391-step weights 0.735 on the same), and 3.2 minutes of it alone 0.804 / 307. So dit-ref trains in fp32
+on CUDA by default (--precision; pixart-ref and the ECAR models keep bf16). Its 4-minute
+checkpoint, continued on the CPU, is the shipped dit-ref (above). The next GPU session runs
+the second for longer from the shipped weights, beside the same with --cuda-graph (not yet
+measured; README).
 
 Seeded and reproducible for a given --steps (a --minutes budget stops at a step count that
 depends on the machine; the step count reached is stored in the checkpoint's metadata,
@@ -264,9 +271,10 @@ class ShapeSwapDistillation:
     caption's is the target of the null class's.
 
     It teaches what denoising on the pictures teaches slowly: how the prediction changes with
-    the shape asked for. Measured on the shipped weights before it (`--loss-by-noise 512`'s
-    shape effect), at t < 300 the prediction changed 0.0015-0.0029 with the shape asked for
-    against pixart-ref's 0.017-0.036 (README, Reference models)."""
+    the shape asked for. Measured (`--loss-by-noise 512`'s shape effect) at t < 300, the
+    prediction changed 0.0015-0.0029 with the shape asked for on the 39,391-step weights,
+    before it, 0.0086-0.018 on the shipped weights, distilled, and 0.017-0.036 on pixart-ref's
+    (README, Reference models)."""
 
     def __init__(self, teacher: str, attrs: list[refdata.Attributes], num_classes: int, device,
                  caption_states: Path | None = None):
