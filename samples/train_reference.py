@@ -5,8 +5,8 @@ captioned data set of models/refdata.py.
     python samples/train_reference.py dit-ref --device cuda --batch 256 --minutes 8
 
 The shipped weights come from three GPU runs on one H200; dit-ref's then from one CPU run, a
-fourth GPU run and a distillation from pixart-ref (GPU, then CPU). First both models and the three ECAR models (samples/train_ecar.py) trained
-side by side for 8 minutes each:
+fourth GPU run and a distillation from pixart-ref (GPU, then CPU). First both models and the
+three ECAR models (samples/train_ecar.py) trained side by side for 8 minutes each:
 
     --device cuda --batch 256 --lr 6e-4 --ema 0.999 --data-size 80000 --data-workers 3 --minutes 8
 
@@ -83,11 +83,11 @@ bf16 run 4.8 million and 1.5 million. Side by side on the H200 in fp32 (--precis
 the first (the failed run's batch and learning rate; 2,273 steps, 0.17 s a step) held its loss
 at 0.097-0.101, effgen eval 0.801 / 307; the second (7,120 steps, 0.055 s a step) read 0.811 /
 295 at its 4-minute checkpoint and 0.836 at the end (PyTorch sampler, 1024 images; the
-39,391-step weights 0.735 on the same), and 3.2 minutes of it alone 0.804 / 307. So dit-ref trains in fp32
-on CUDA by default (--precision; pixart-ref and the ECAR models keep bf16). Its 4-minute
-checkpoint, continued on the CPU, is the shipped dit-ref (above). The next GPU session runs
-the second for longer from the shipped weights, beside the same with --cuda-graph (not yet
-measured; README).
+39,391-step weights 0.735 on the same), and 3.2 minutes of it alone 0.804 / 307. So dit-ref
+trains in fp32 on CUDA by default (--precision; pixart-ref and the ECAR models keep bf16).
+Its 4-minute checkpoint, continued on the CPU, is the shipped dit-ref (above). The next GPU
+session runs the second for longer from the shipped weights, beside the same with
+--cuda-graph (not yet measured; README).
 
 Seeded and reproducible for a given --steps (a --minutes budget stops at a step count that
 depends on the machine; the step count reached is stored in the checkpoint's metadata,
@@ -272,9 +272,9 @@ class ShapeSwapDistillation:
 
     It teaches what denoising on the pictures teaches slowly: how the prediction changes with
     the shape asked for. Measured (`--loss-by-noise 512`'s shape effect) at t < 300, the
-    prediction changed 0.0015-0.0029 with the shape asked for on the 39,391-step weights,
-    before it, 0.0086-0.018 on the shipped weights, distilled, and 0.017-0.036 on pixart-ref's
-    (README, Reference models)."""
+    prediction changed 0.0015-0.0029 with the shape asked for on dit-ref's 39,391-step
+    weights, which it started from, 0.0086-0.018 on the shipped weights it made, and
+    0.017-0.036 on pixart-ref (README, Reference models)."""
 
     def __init__(self, teacher: str, attrs: list[refdata.Attributes], num_classes: int, device,
                  caption_states: Path | None = None):
