@@ -41,12 +41,14 @@ def sample(denoiser: Denoiser, noise: np.ndarray, cond: torch.Tensor, uncond: to
            scheduler_config: dict, steps: int, guidance: float,
            cond_mask: torch.Tensor | None = None, uncond_mask: torch.Tensor | None = None,
            on_step: Callable[[int, int], None] | None = None,
-           guidance_interval: tuple[float, float] | None = None) -> torch.Tensor:
+           guidance_interval: tuple[float, float] | None = None,
+           on_state: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor:
     """Denoise `noise` (N, C, H, W) to samples. `cond`/`uncond` are per-image conditions
     (class labels or text states, first dimension N); `on_step(i, t)` runs before each
     denoiser call (calibration uses it to know the timestep); `guidance_interval` (lo, hi
     timesteps, None = every step) limits guidance as `runtime.pipeline.guidance_scale_at`
-    does. Runs on the device of `cond`."""
+    does; `on_state(t, x)` sees the state each step's denoiser call is given (training on the
+    sampler's own states, samples/train_reference.py). Runs on the device of `cond`."""
     sched = diffusers_scheduler(scheduler_config)
     sched.set_timesteps(steps)
     x = torch.from_numpy(np.asarray(noise, np.float32)).clone().to(cond.device)
@@ -56,6 +58,8 @@ def sample(denoiser: Denoiser, noise: np.ndarray, cond: torch.Tensor, uncond: to
     for i, t in enumerate(sched.timesteps):
         if on_step is not None:
             on_step(i, int(t))
+        if on_state is not None:
+            on_state(int(t), x)
         g = guidance_scale_at(float(t), guidance, guidance_interval)
         if g == 1.0:
             tt = torch.full((n,), float(t), device=x.device)

@@ -43,6 +43,14 @@ first non-finite loss and keeps the checkpoint it resumed from). Then the distil
     --resume --threads 2 --batch 64 --distill-batch 64 --lr 1e-4 --ema 0.999 --data-size 100000 --distill-from pixart-ref --distill-t-max 500 --minutes 70
 
 (effgen eval, 1024 images at the default sampler: class_acc 0.725 -> 0.814, fd 240 -> 286).
+Last, three rounds of the distillation on dit-ref's own samples (OwnSampleDistillation,
+below) on the 2-core CPU, each drawing its pool from the weights the round before left: two
+of a scratch version of it (README, Reference models), 48,469 -> 51,104 steps, class_acc
+0.814 -> 0.850 -> 0.880, then 18 minutes of
+
+    --resume --threads 2 --batch 32 --distill-batch 32 --lr 2e-4 --ema 0.999 --data-size 100000 --distill-from pixart-ref --distill-on own-samples --own-samples 1024 --distill-t-max 500 --distill-guided 1 --seed 9 --minutes 18
+
+(-> 52,021 steps, class_acc 0.885, fd 334).
 
 On the 2-core development machine, at batch 48 with --threads 1, a step takes ~0.8 s
 (pixart-ref) and ~0.65 s (dit-ref): ~4,500 steps an hour; dit-ref at batch 64 with --threads 2,
@@ -85,9 +93,9 @@ at 0.097-0.101, effgen eval 0.801 / 307; the second (7,120 steps, 0.055 s a step
 295 at its 4-minute checkpoint and 0.836 at the end (PyTorch sampler, 1024 images; the
 39,391-step weights 0.735 on the same), and 3.2 minutes of it alone 0.804 / 307. So dit-ref
 trains in fp32 on CUDA by default (--precision; pixart-ref and the ECAR models keep bf16).
-Its 4-minute checkpoint, continued on the CPU, is the shipped dit-ref (above). The next GPU
-session runs the second for longer from the shipped weights, beside the same with
---cuda-graph (not yet measured; README).
+Its 4-minute checkpoint, continued on the CPU, gave the 48,469-step weights that the rounds on
+dit-ref's own samples started from (above). The next GPU session runs more of those rounds,
+and the second run above with --cuda-graph (not yet measured; README).
 
 Seeded and reproducible for a given --steps (a --minutes budget stops at a step count that
 depends on the machine; the step count reached is stored in the checkpoint's metadata,
@@ -306,6 +314,105 @@ class ShapeSwapDistillation:
         return (pred[:, :k].float() - target[:, :k].float()).square().mean()
 
 
+class OwnSampleDistillation:
+    """dit-ref's distillation from pixart-ref on dit-ref's own samples (--distill-on
+    own-samples): on the states dit-ref's sampler passes through, pixart-ref's predictions are
+    the targets of dit-ref's.
+
+    Why there: from dit-ref's own states at its first step at t <= 450, pixart-ref (asked for the
+    class's shape and colour, and the size, position and background dit-ref drew) finishes 96% of
+    the pictures with the asked shape (0.93 unguided), where dit-ref finishes 85% (scratch
+    measurement, README). The shape is still open on those states, and dit-ref goes wrong on
+    them: blobs that its training pictures, noised, do not show, and ShapeSwapDistillation
+    teaches only on those.
+
+    The pool, drawn once from the student as given: `n` pictures (the classes in turn, noise of
+    `seed`) at the spec's default sampler; the state of every step at t < `t_max`; each final
+    picture's size, position and background as the metric classifier reads them; pixart-ref's
+    prediction at each state for the caption of each of the four shapes in the asked colour
+    with those attributes, and for the empty caption."""
+
+    def __init__(self, student, teacher: str, n: int, seed: int, t_max: int, device,
+                 caption_states: Path | None = None, batch: int = 256):
+        from safetensors.torch import load_file
+
+        from effgen.models.classifier import predict
+        from effgen.models.sampling import sample
+        from effgen.runtime.images import to_uint8
+
+        spec = student.spec
+        self.guidance = spec.guidance
+        labels = torch.arange(n) % spec.num_classes
+        noise = torch.randn(n, spec.in_channels, spec.sample_size, spec.sample_size,
+                            generator=torch.Generator().manual_seed(seed)).numpy()
+        states, self.t, finals, was_training = [], None, [], student.training
+        for i in range(0, n, batch):
+            kept, times = [], []
+
+            def keep(t: int, x: torch.Tensor):
+                if t < t_max:
+                    kept.append(x.clone())
+                    times.append(t)
+
+            lab = labels[i:i + batch].to(device)
+            finals.append(sample(student.eval(), noise[i:i + batch], lab,
+                                 torch.full_like(lab, spec.num_classes), spec.scheduler, spec.steps,
+                                 spec.guidance, guidance_interval=spec.guidance_interval,
+                                 on_state=keep).cpu())
+            states.append(torch.stack(kept, 1))  # [pictures, steps, C, H, W]
+            self.t = torch.tensor(times)
+        student.train(was_training)
+        read = predict(to_uint8(torch.cat(finals).numpy()))
+        self.sample_shape_acc = float((read["shape"] == labels.numpy() // len(refdata.COLOURS)).mean())
+        index, text, mask = caption_table(refdata.all_combinations(), caption_states)
+        colours, sizes, backgrounds = list(refdata.COLOURS), list(refdata.SIZES), list(refdata.BACKGROUNDS)
+        captions = torch.tensor([[index[refdata.Attributes(
+            shape, colours[int(c) % len(colours)], sizes[read["size"][k]],
+            refdata.ROWS[read["position"][k] // 3], refdata.COLS[read["position"][k] % 3],
+            backgrounds[read["background"][k]]).caption] for shape in refdata.SHAPES] + [index[""]]
+            for k, c in enumerate(labels)])  # [pictures, 5]
+
+        steps = len(self.t)
+        self.x = torch.cat(states).flatten(0, 1).to(device)  # state j: picture j // steps
+        self.t = self.t.repeat(n).to(device)
+        self.label = labels.repeat_interleave(steps).to(device)
+        captions = captions.repeat_interleave(steps, 0)
+        tspec = get_spec(teacher)
+        model = build_denoiser(tspec).eval().requires_grad_(False)
+        model.transformer.load_state_dict(load_file(WEIGHTS_DIR / tspec.weights))
+        model.to(device)
+        self.target = torch.empty(len(self.x), 5, *self.x.shape[1:], device=device)
+        with torch.no_grad():
+            for i in range(0, len(self.x), batch):
+                c = captions[i:i + batch].to(device)
+                for row in range(5):
+                    self.target[i:i + batch, row] = model(
+                        self.x[i:i + batch], self.t[i:i + batch].float(), text[c[:, row]].to(device),
+                        mask[c[:, row]].to(device))[:, :spec.in_channels]
+        self.num_classes = spec.num_classes
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def loss(self, student, state: torch.Tensor, other_shift: torch.Tensor,
+             guided: float) -> torch.Tensor:
+        """At the pool's states `state`, the mean squared error of the student's prediction
+        under three conditions (the asked class, the null class, the class of another shape in
+        the same colour: `other_shift` of 1-3 shapes on), plus `guided` times the squared
+        error of the guided prediction at the spec's scale, which the sampler uses."""
+        shape, colour = self.label[state] // len(refdata.COLOURS), self.label[state] % len(refdata.COLOURS)
+        null = torch.full_like(shape, len(refdata.SHAPES))
+        rows = torch.cat([shape, null, (shape + other_shift) % len(refdata.SHAPES)])
+        state3 = state.repeat(3)
+        labels = torch.where(rows == null[0], self.num_classes,
+                             rows * len(refdata.COLOURS) + colour.repeat(3))
+        pred = student(self.x[state3], self.t[state3].float(), labels)
+        err = pred[:, :self.x.shape[1]].float() - self.target[state3, rows]
+        asked, unconditional, _ = err.chunk(3)
+        guided_err = unconditional + self.guidance * (asked - unconditional)
+        return err.square().mean() + guided * guided_err.square().mean()
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", choices=["pixart-ref", "dit-ref"])
@@ -330,6 +437,18 @@ def main(argv=None):
                    "for it, and dit-ref's prediction for that shape's class in the picture's "
                    "colour regressed on pixart-ref's for its caption with the shape word swapped "
                    "(the null class on the empty caption's)")
+    p.add_argument("--distill-on", choices=["pictures", "own-samples"], default="pictures",
+                   help="with --distill-from: noised training pictures (ShapeSwapDistillation), "
+                   "or the states of dit-ref's own sampler (OwnSampleDistillation: a pool of "
+                   "--own-samples pictures drawn at the start from the weights it resumes from, "
+                   "seeded by --seed; --distill-batch states a step, each under the asked class, "
+                   "the null class and another shape's)")
+    p.add_argument("--own-samples", type=int, default=1024,
+                   help="--distill-on own-samples: pictures in the pool, each with the states of "
+                   "its steps at t < --distill-t-max (9 below 500)")
+    p.add_argument("--distill-guided", type=float, default=1.0,
+                   help="--distill-on own-samples: weight of the guided prediction's error, at "
+                   "dit-ref's default scale, beside the error under each condition")
     p.add_argument("--distill-batch", type=int, default=32)
     p.add_argument("--distill-weight", type=float, default=1.0)
     p.add_argument("--distill-t-max", type=int, default=1000,
@@ -365,6 +484,10 @@ def main(argv=None):
         p.error("--cuda-graph: only with a CUDA --device")
     if args.distill_from and spec.family != "dit":
         p.error("--distill-from: only dit-ref learns from pixart-ref")
+    if args.distill_on == "own-samples" and not args.distill_from:
+        p.error("--distill-on own-samples: give --distill-from")
+    if args.distill_on == "own-samples" and (args.loss_by_noise is not None or args.own_samples < 1):
+        p.error("--distill-on own-samples: not with --loss-by-noise; --own-samples at least 1")
     if args.distill_batch < 1 or not 1 <= args.distill_t_max <= DDPM_LINEAR["num_train_timesteps"]:
         p.error("--distill-batch: at least 1; --distill-t-max: a timestep from 1 to "
                 f"{DDPM_LINEAR['num_train_timesteps']}")
@@ -383,8 +506,17 @@ def main(argv=None):
 
         model.transformer.load_state_dict(load_file(out))
         first_step = checkpoint_steps(out)
-    distill = (ShapeSwapDistillation(args.distill_from, attrs, spec.num_classes, dev,
-                                     args.caption_states) if args.distill_from else None)
+    distill = None
+    if args.distill_from and args.distill_on == "pictures":
+        distill = ShapeSwapDistillation(args.distill_from, attrs, spec.num_classes, dev,
+                                        args.caption_states)
+    elif args.distill_from:  # drawn from the weights resumed from, before training changes them
+        t1 = time.time()
+        distill = OwnSampleDistillation(model.to(dev), args.distill_from, args.own_samples,
+                                        args.seed, args.distill_t_max, dev, args.caption_states)
+        print(f"own samples: {args.own_samples} pictures, shape read right on "
+              f"{distill.sample_shape_acc:.3f}; {len(distill)} states and their targets in "
+              f"{time.time() - t1:.0f}s", flush=True)
     if args.loss_by_noise:
         model.to(dev).eval()
         shape = torch.tensor([refdata.SHAPES.index(a.shape) for a in attrs], device=dev)
@@ -452,6 +584,11 @@ def main(argv=None):
         if distill is None:
             return err.mean()
         n = args.distill_batch
+        if isinstance(distill, OwnSampleDistillation):
+            state = torch.randint(0, len(distill), (n,), generator=g, device=dev)
+            other = torch.randint(1, len(refdata.SHAPES), (n,), generator=g, device=dev)
+            return {"denoise": err.mean(), "distill": args.distill_weight * distill.loss(
+                model, state, other, args.distill_guided)}
         idx = torch.randint(0, len(x_all), (n,), generator=g, device=dev)
         t = torch.randint(0, args.distill_t_max, (n,), generator=g, device=dev)
         row = torch.randint(0, distill.rows, (n,), generator=g, device=dev)

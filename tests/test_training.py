@@ -440,3 +440,46 @@ def test_dit_ref_trains_in_fp32_unless_precision_says_bf16(tmp_path, sample_scri
                  "--out", str(tmp_path / "a.safetensors"), *args])
     assert [c.bf16 for c in configs] == [bf16]
     assert (tmp_path / "a.safetensors").is_file()
+
+
+def test_dit_ref_distils_from_pixart_ref_on_its_own_samples(sample_script, tmp_path):
+    """`train_reference.py dit-ref --distill-from pixart-ref --distill-on own-samples`: the pool
+    holds the states of dit-ref's own sampler below --distill-t-max, for the classes in turn;
+    each state's null-condition target is pixart-ref's on the empty caption and its asked-shape
+    target pixart-ref's on a caption of the asked shape and colour, which the other shapes'
+    differ from; drawing the pool leaves the student in training mode, and steps on the loss
+    move dit-ref toward pixart-ref on those states."""
+    from effgen.models import refdata
+
+    script = sample_script("train_reference")
+    student = build_denoiser(get_spec("dit-ref")).train()
+    student.transformer.load_state_dict(load_file(WEIGHTS_DIR / "dit-ref.safetensors"))
+    states = tmp_path / "caption-states.safetensors"  # encoded once, read back below
+    pool = script.OwnSampleDistillation(student, "pixart-ref", 3, seed=0, t_max=500, device="cpu",
+                                        caption_states=states)
+    assert student.training
+    assert len(pool) == 3 * 9 and pool.t[:9].tolist() == list(range(450, 0, -50))
+    assert pool.label.tolist() == [0] * 9 + [1] * 9 + [2] * 9
+    assert not torch.equal(pool.x[0], pool.x[9])  # each picture its own noise
+
+    index, text, mask = script.caption_table(refdata.all_combinations(), states)
+    empty = torch.tensor([index[""]])
+    teacher = build_denoiser(get_spec("pixart-ref"))
+    teacher.transformer.load_state_dict(load_file(WEIGHTS_DIR / "pixart-ref.safetensors"))
+    with torch.no_grad():
+        null = teacher(pool.x[:1], pool.t[:1].float(), text[empty], mask[empty])
+    torch.testing.assert_close(pool.target[0, 4], null[0], atol=1e-5, rtol=1e-4)
+    # state 9 asks for class 1: a circle (shape 0) in colour 1; the targets per shape differ
+    per_shape = pool.target[9, :4].flatten(1)
+    assert torch.cdist(per_shape, per_shape).triu(1)[0, 1:].min() > 0
+
+    opt = torch.optim.Adam(student.parameters(), lr=1e-4)
+    state, other = torch.arange(len(pool)), torch.arange(len(pool)) % 3 + 1
+    losses = []
+    for _ in range(5):
+        loss = pool.loss(student, state, other, guided=1.0)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    assert losses[-1] < 0.8 * losses[0], losses
