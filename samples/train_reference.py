@@ -5,7 +5,7 @@ captioned data set of models/refdata.py.
     python samples/train_reference.py dit-ref --device cuda --batch 256 --minutes 8
 
 The shipped weights come from three GPU runs on one H200; dit-ref's then from one CPU run, a
-fourth GPU run and a distillation from pixart-ref (GPU, then CPU). First both models and the
+fourth GPU run and distillations from pixart-ref (GPU, then CPU; last on its own samples). First both models and the
 three ECAR models (samples/train_ecar.py) trained side by side for 8 minutes each:
 
     --device cuda --batch 256 --lr 6e-4 --ema 0.999 --data-size 80000 --data-workers 3 --minutes 8
@@ -66,7 +66,7 @@ least error, and the shape effect: the mean squared change of the prediction whe
 shape is asked for. Where the shape is decided the classifier reads 0.67 (t 200-299) and 0.47
 (t 400-499) for dit-ref against 0.97 and 0.85 for pixart-ref, and the effect is 0.0016 against
 0.017 (t 200-299): dit-ref's prediction hardly depends on the shape its class asks for, and
-guidance can only amplify that dependence (the distilled, shipped weights: effect 0.0086).
+guidance can only amplify that dependence (the distilled 48,469-step weights: effect 0.0086).
 
 `--distill-from pixart-ref` (dit-ref) teaches that dependence from pixart-ref, which has it:
 dit-ref's prediction for a shape's class is regressed on pixart-ref's for the picture's caption
@@ -281,7 +281,7 @@ class ShapeSwapDistillation:
     It teaches what denoising on the pictures teaches slowly: how the prediction changes with
     the shape asked for. Measured (`--loss-by-noise 512`'s shape effect) at t < 300, the
     prediction changed 0.0015-0.0029 with the shape asked for on dit-ref's 39,391-step
-    weights, which it started from, 0.0086-0.018 on the shipped weights it made, and
+    weights, which it started from, 0.0086-0.018 on the 48,469-step weights it made, and
     0.017-0.036 on pixart-ref (README, Reference models)."""
 
     def __init__(self, teacher: str, attrs: list[refdata.Attributes], num_classes: int, device,
