@@ -272,6 +272,16 @@ def shape_swapped_conds(spec, attrs: list[refdata.Attributes], device) -> list[t
     return [(states[rows[k]].to(device), mask[rows[k]].to(device)) for k in shapes]
 
 
+def load_teacher(name: str, device):
+    """The shipped weights of `name`, frozen, as a distillation's teacher."""
+    from safetensors.torch import load_file
+
+    spec = get_spec(name)
+    model = build_denoiser(spec).eval().requires_grad_(False)
+    model.transformer.load_state_dict(load_file(WEIGHTS_DIR / spec.weights))
+    return model.to(device)
+
+
 class ShapeSwapDistillation:
     """dit-ref's distillation from pixart-ref (--distill-from): pixart-ref's prediction for a
     noised training picture, asked for by its caption with the shape word swapped, is the
@@ -286,12 +296,7 @@ class ShapeSwapDistillation:
 
     def __init__(self, teacher: str, attrs: list[refdata.Attributes], num_classes: int, device,
                  caption_states: Path | None = None):
-        from safetensors.torch import load_file
-
-        spec = get_spec(teacher)
-        self.teacher = build_denoiser(spec).eval().requires_grad_(False)
-        self.teacher.transformer.load_state_dict(load_file(WEIGHTS_DIR / spec.weights))
-        self.teacher.to(device)
+        self.teacher = load_teacher(teacher, device)
         # Row k < 4: every picture asking for shape k; row 4: the null condition.
         captions, states, mask, self.caption_text = swapped_captions(attrs, caption_states)
         self.captions, self.states, self.mask = captions.to(device), states.to(device), mask.to(device)
@@ -334,8 +339,6 @@ class OwnSampleDistillation:
 
     def __init__(self, student, teacher: str, n: int, seed: int, t_max: int, device,
                  caption_states: Path | None = None, batch: int = 256):
-        from safetensors.torch import load_file
-
         from effgen.models.classifier import predict
         from effgen.models.sampling import sample
         from effgen.runtime.images import to_uint8
@@ -345,7 +348,7 @@ class OwnSampleDistillation:
         labels = torch.arange(n) % spec.num_classes
         noise = torch.randn(n, spec.in_channels, spec.sample_size, spec.sample_size,
                             generator=torch.Generator().manual_seed(seed)).numpy()
-        states, self.t, finals, was_training = [], None, [], student.training
+        states, finals, was_training = [], [], student.training
         for i in range(0, n, batch):
             kept, times = [], []
 
@@ -360,7 +363,7 @@ class OwnSampleDistillation:
                                  spec.guidance, guidance_interval=spec.guidance_interval,
                                  on_state=keep).cpu())
             states.append(torch.stack(kept, 1))  # [pictures, steps, C, H, W]
-            self.t = torch.tensor(times)
+        self.t = torch.tensor(times)  # the same steps for every batch
         student.train(was_training)
         read = predict(to_uint8(torch.cat(finals).numpy()))
         self.sample_shape_acc = float((read["shape"] == labels.numpy() // len(refdata.COLOURS)).mean())
@@ -377,10 +380,7 @@ class OwnSampleDistillation:
         self.t = self.t.repeat(n).to(device)
         self.label = labels.repeat_interleave(steps).to(device)
         captions = captions.repeat_interleave(steps, 0)
-        tspec = get_spec(teacher)
-        model = build_denoiser(tspec).eval().requires_grad_(False)
-        model.transformer.load_state_dict(load_file(WEIGHTS_DIR / tspec.weights))
-        model.to(device)
+        model = load_teacher(teacher, device)
         self.target = torch.empty(len(self.x), 5, *self.x.shape[1:], device=device)
         with torch.no_grad():
             for i in range(0, len(self.x), batch):
@@ -401,10 +401,10 @@ class OwnSampleDistillation:
         the same colour: `other_shift` of 1-3 shapes on), plus `guided` times the squared
         error of the guided prediction at the spec's scale, which the sampler uses."""
         shape, colour = self.label[state] // len(refdata.COLOURS), self.label[state] % len(refdata.COLOURS)
-        null = torch.full_like(shape, len(refdata.SHAPES))
-        rows = torch.cat([shape, null, (shape + other_shift) % len(refdata.SHAPES)])
+        null = len(refdata.SHAPES)  # the targets' row of the empty caption
+        rows = torch.cat([shape, torch.full_like(shape, null), (shape + other_shift) % null])
         state3 = state.repeat(3)
-        labels = torch.where(rows == null[0], self.num_classes,
+        labels = torch.where(rows == null, self.num_classes,
                              rows * len(refdata.COLOURS) + colour.repeat(3))
         pred = student(self.x[state3], self.t[state3].float(), labels)
         err = pred[:, :self.x.shape[1]].float() - self.target[state3, rows]
