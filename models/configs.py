@@ -163,7 +163,8 @@ _SPECS = [
     # the steps at t <= 450 and unguided above, chosen on its earlier (39,391-step) weights:
     # fd 240, class_acc 0.725 over 1024 images there, against 274 and 0.663 at 2.0 on every
     # step, the least fd without an interval (3.0 on every step: 361 and 0.785); on the
-    # shipped, distilled weights fd 286 and 0.814 (2.5: 286 / 0.804; t <= 400: 274 / 0.806).
+    # 48,469-step weights fd 286 and 0.814 (2.5: 286 / 0.804; t <= 400: 274 / 0.806); on the
+    # shipped 54,150-step weights fd 322 and 0.914.
     # ECAR's fd is least at 3.0.
     ModelSpec("pixart-ref", "pixart",
               {**_pixart(6, 4, 32, 32, 384), "in_channels": 3, "out_channels": 3, "patch_size": 4},

@@ -43,14 +43,16 @@ first non-finite loss and keeps the checkpoint it resumed from). Then the distil
     --resume --threads 2 --batch 64 --distill-batch 64 --lr 1e-4 --ema 0.999 --data-size 100000 --distill-from pixart-ref --distill-t-max 500 --minutes 70
 
 (effgen eval, 1024 images at the default sampler: class_acc 0.725 -> 0.814, fd 240 -> 286).
-Last, three rounds of the distillation on dit-ref's own samples (OwnSampleDistillation,
+Last, five rounds of the distillation on dit-ref's own samples (OwnSampleDistillation,
 below) on the 2-core CPU, each drawing its pool from the weights the round before left: two
 of a scratch version of it (README, Reference models), 48,469 -> 51,104 steps, class_acc
 0.814 -> 0.850 -> 0.880, then 18 minutes of
 
     --resume --threads 2 --batch 32 --distill-batch 32 --lr 2e-4 --ema 0.999 --data-size 100000 --distill-from pixart-ref --distill-on own-samples --own-samples 1024 --distill-t-max 500 --distill-guided 1 --seed 9 --minutes 18
 
-(-> 52,021 steps, class_acc 0.885, fd 334).
+(-> 52,021 steps, class_acc 0.885, fd 334), and the same with --own-samples 2048 and
+--seed 10 --minutes 24 (-> 53,231: 0.918 / 338), then --seed 11 --minutes 20 (-> 54,150:
+0.914 / 322, the shipped weights).
 
 On the 2-core development machine, at batch 48 with --threads 1, a step takes ~0.8 s
 (pixart-ref) and ~0.65 s (dit-ref): ~4,500 steps an hour; dit-ref at batch 64 with --threads 2,
